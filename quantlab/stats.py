@@ -19,6 +19,7 @@ pos = [1, 0, 0, 1] (0.3 -> bin 0, 1.5 -> bin 3), neg = [0, 1, 0, 0] (0.6 -> bin 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,3 +114,73 @@ class TensorStats:
         s.hist_pos[:] = np.bincount(idx[~neg], minlength=nbins)
         s.hist_neg[:] = np.bincount(idx[neg], minlength=nbins)
         return s
+
+
+@dataclass
+class StatsSet:
+    """Statistics of every calibrated tensor of one model, plus how folded tensors map to them."""
+
+    tensors: dict[str, TensorStats]
+    folded: dict[str, str] = field(default_factory=dict)
+    model_sha256: str = ""
+    samples: int = 0
+
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[self.folded.get(name, name)]
+
+    def names(self) -> list[str]:
+        """Every tensor with a range: the calibrated ones, then the folded ones."""
+        return [*self.tensors, *self.folded]
+
+    def save(self, path: str | "os.PathLike[str]") -> None:
+        """Write an ``.npz`` file, byte-identical for identical statistics (fixed zip timestamps)."""
+        import json
+        import zipfile
+
+        names = list(self.tensors)
+        meta = {
+            "format": "quantlab-stats-1",
+            "nbins": NBINS,
+            "names": names,
+            "folded": self.folded,
+            "model_sha256": self.model_sha256,
+            "samples": self.samples,
+        }
+        arrays = {
+            "meta": np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
+            "min": np.array([self.tensors[n].min for n in names], np.float64),
+            "max": np.array([self.tensors[n].max for n in names], np.float64),
+            "range": np.array([self.tensors[n].range for n in names], np.float64),
+            "count": np.array([self.tensors[n].count for n in names], np.int64),
+            "hist_pos": np.stack([self.tensors[n].hist_pos for n in names]) if names else np.zeros((0, NBINS), np.int64),
+            "hist_neg": np.stack([self.tensors[n].hist_neg for n in names]) if names else np.zeros((0, NBINS), np.int64),
+        }
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for key, arr in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w") as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+    @classmethod
+    def load(cls, path: str | "os.PathLike[str]") -> "StatsSet":
+        import json
+
+        from quantlab.errors import QuantlabError
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                data = {k: z[k] for k in ("min", "max", "range", "count", "hist_pos", "hist_neg")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise QuantlabError(f"'{path}' is not a quantlab statistics file ({exc}): pass the stats.npz of a run") from None
+        if meta.get("format") != "quantlab-stats-1":
+            raise QuantlabError(f"'{path}' has unknown statistics format {meta.get('format')!r}: re-run calibration")
+        tensors = {
+            n: TensorStats(
+                n, float(data["min"][i]), float(data["max"][i]), data["hist_pos"][i].copy(),
+                data["hist_neg"][i].copy(), float(data["range"][i]), int(data["count"][i]),
+            )
+            for i, n in enumerate(meta["names"])
+        }
+        return cls(tensors, dict(meta["folded"]), meta["model_sha256"], int(meta["samples"]))

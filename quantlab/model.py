@@ -1,0 +1,281 @@
+"""Getting a model ready to quantize: load and check it, export PyTorch, fix shapes, pre-process.
+
+Preparation runs ONNX Runtime's ``quant_pre_process`` (shape inference, constant folding, BatchNorm
+folding) and caches the result by content hash, so the graph that is calibrated, quantized and
+compared is the same every time.  It then chooses the activation tensors to calibrate: every float
+tensor that is a graph input or a node output, except a tensor whose only consumer is a ``Relu`` or
+``Clip``.  Such a tensor is *folded*: it takes the range of the activation's output, which is what
+both TensorRT (Conv+ReLU fusion) and ONNX Runtime (activation removal in Q/DQ graphs) quantize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quantlab.data import InputSpec
+from quantlab.errors import QuantlabError, check
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FOLDED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def cache_dir() -> Path:
+    """Where exported and prepared models are kept: ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab``."""
+    root = os.environ.get("QUANTLAB_CACHE") or Path.home() / ".cache" / "quantlab"
+    return Path(root)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and check an ONNX file, with one-line errors for anything that is not one."""
+    p = Path(path)
+    check(p.exists(), f"model file '{p}' does not exist: pass the path of an .onnx file")
+    check(p.is_file(), f"model path '{p}' is a folder: pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-wrapped errors, ...
+        raise QuantlabError(f"'{p}' is not an ONNX model ({type(exc).__name__}): pass an .onnx file") from None
+    check(len(model.graph.node) > 0, f"'{p}' is not an ONNX model (it has no graph nodes): pass an .onnx file")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QuantlabError(f"'{p}' fails onnx.checker ({first}): fix or re-export the model") from None
+    return model
+
+
+def _atomic_save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_pytorch(
+    factory: str,
+    input_shapes: dict[str, tuple[int, ...]],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    opset: int,
+) -> Path:
+    """Export ``module:factory()`` to ONNX (TorchScript exporter, dynamic batch axis), cached.
+
+    The cache key hashes the factory name, shapes, names, opset, torch version and the module's
+    weights, so changed weights give a new export and an unchanged model is exported once.
+    """
+    module_name, _, attr = factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise QuantlabError(f"cannot load PyTorch factory '{factory}' ({exc}): set model.pytorch to 'module:function'") from None
+    missing = [n for n in input_names if n not in input_shapes]
+    check(not missing, f"model.input_shapes has no shape for input(s) {missing}: give the export shape, e.g. [1, 3, 224, 224]")
+    import torch
+
+    module = fn()
+    check(isinstance(module, torch.nn.Module), f"'{factory}' returned {type(module).__name__}, not a torch.nn.Module")
+    module.eval()
+    h = hashlib.sha256(repr((factory, sorted(input_shapes.items()), input_names, output_names, opset, torch.__version__)).encode())
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    out = cache_dir() / "exported" / f"{attr}-{h.hexdigest()[:16]}.onnx"
+    if out.exists():
+        return out
+    gen = torch.Generator().manual_seed(0)
+    args = tuple(torch.rand(input_shapes[n], generator=gen) for n in input_names)
+    axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".onnx")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, tmp, input_names=list(input_names), output_names=list(output_names),
+                dynamic_axes=axes, opset_version=opset, dynamo=False,
+            )
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _fix_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Set dims named in ``input_shapes``; refuse dynamic dims other than the batch axis."""
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in graph_inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    check(not unknown, f"model.input_shapes names {unknown}, but the model's inputs are {names}: use those names")
+    for inp in graph_inputs:
+        dims = inp.type.tensor_type.shape.dim
+        given = input_shapes.get(inp.name)
+        if given is not None:
+            check(
+                len(given) == len(dims),
+                f"model.input_shapes.{inp.name} has {len(given)} dims but the model input has {len(dims)}: give all of them",
+            )
+            for axis, (d, g) in enumerate(zip(dims, given)):
+                if axis == 0 and not d.HasField("dim_value"):
+                    continue  # keep the batch axis dynamic so data can be batched
+                check(
+                    not d.HasField("dim_value") or d.dim_value == g,
+                    f"model.input_shapes.{inp.name} sets axis {axis} to {g} but the model fixes it at {d.dim_value}",
+                )
+                d.Clear()
+                d.dim_value = g
+        for axis, d in enumerate(dims):
+            if axis > 0 and not d.HasField("dim_value"):
+                label = d.dim_param or "?"
+                raise QuantlabError(
+                    f"model '{source.name}' input '{inp.name}' has dynamic dimension '{label}' at axis {axis}: "
+                    f"fix it with [model.input_shapes] {inp.name} = [...] in quantlab.toml"
+                )
+
+
+@dataclass
+class PreparedModel:
+    """A model ready to calibrate: the prepared FP32 graph and what to calibrate in it.
+
+    Attributes:
+        path: the prepared FP32 ONNX file (in the cache).
+        source: the file the user gave (or quantlab exported).
+        inputs: model inputs, batch axis ``None`` when dynamic.
+        outputs: model output names.
+        tensors: activation tensors whose statistics the one pass collects.
+        folded: pre-activation tensor -> the activation output whose range it takes.
+    """
+
+    path: Path
+    source: Path
+    inputs: list[InputSpec]
+    outputs: list[str]
+    tensors: list[str]
+    folded: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def _select_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, str]]:
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*graph.value_info, *graph.input, *graph.output)
+        if v.type.HasField("tensor_type")
+    }
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    candidates = [i.name for i in graph.input if i.name not in inits]
+    candidates += [o for node in graph.node if node.op_type != "Constant" for o in node.output if o]
+    selected: list[str] = []
+    folded: dict[str, str] = {}
+    for name in dict.fromkeys(candidates):
+        if name in inits or types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0].op_type in FOLDED_ACTIVATIONS and name not in graph_outputs:
+            folded[name] = users[0].output[0]
+        else:
+            selected.append(name)
+    for name in folded:  # chains such as Conv -> Relu -> Clip resolve to the last activation
+        target = folded[name]
+        while target in folded:
+            target = folded[target]
+        folded[name] = target
+    return selected, folded
+
+
+def prepare_model(source: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
+    """Load, check, fix shapes and pre-process ``source``; see the module docstring."""
+    source = Path(source)
+    model = load_onnx(source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, 13)
+        except Exception as exc:
+            raise QuantlabError(
+                f"model '{source.name}' has opset {opset} and cannot be converted to 13 ({exc}): re-export with opset >= 13"
+            ) from None
+    _fix_input_dims(model, dict(input_shapes or {}), source)
+    has_weighted = any(
+        n.op_type in WEIGHTED_OPS and any(i in {t.name for t in model.graph.initializer} for i in n.input[1:2])
+        for n in model.graph.node
+    )
+    check(
+        has_weighted,
+        f"model '{source.name}' has nothing to quantize (no Conv, ConvTranspose, Gemm or MatMul with constant weights): "
+        "pass a model with weighted layers",
+    )
+    raw = model.SerializeToString()
+    digest = hashlib.sha256(raw).hexdigest()
+    out = cache_dir() / "prepared" / f"{digest[:24]}.onnx"
+    if not out.exists():
+        _preprocess(model, out)
+    prepared = onnx.load(str(out))
+    inits = {i.name for i in prepared.graph.initializer}
+    inputs = []
+    for inp in prepared.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        inputs.append(InputSpec(inp.name, dims, _np_dtype(tt.elem_type)))
+    tensors, folded = _select_tensors(prepared)
+    return PreparedModel(
+        path=out, source=source, inputs=inputs, outputs=[o.name for o in prepared.graph.output],
+        tensors=tensors, folded=folded, sha256=sha256_file(out),
+    )
+
+
+def _preprocess(model: onnx.ModelProto, out: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src))
+        errors = []
+        for skip_symbolic in (False, True):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+                break
+            except Exception as exc:  # symbolic shape inference fails on some graphs; retry without it
+                errors.append(f"{type(exc).__name__}: {exc}")
+        else:
+            raise QuantlabError(f"ONNX Runtime cannot pre-process the model ({errors[-1]}): check it runs in ONNX Runtime")
+        os.replace(dst, out)
