@@ -1,0 +1,83 @@
+"""Writing a run folder: atomically, deterministically, with a manifest of what it holds."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantlab.errors import check
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One file of a run: its path relative to the run folder and what it is."""
+
+    path: str
+    kind: str
+    calibrator: str | None = None
+    target: str | None = None
+
+    def to_dict(self, root: Path) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "kind": self.kind}
+        if self.calibrator:
+            d["calibrator"] = self.calibrator
+        if self.target:
+            d["target"] = self.target
+        if self.kind != "timing":  # measured times differ run to run by nature
+            data = (root / self.path).read_bytes()
+            d["bytes"] = len(data)
+            d["sha256"] = hashlib.sha256(data).hexdigest()
+        return d
+
+
+def dumps_json(obj: Any) -> str:
+    """JSON with sorted keys and a trailing newline: the same object always gives the same bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; on success it replaces ``final`` whole.
+
+    On any error the temporary folder is removed and ``final`` is left as it was, so an interrupted
+    or failed run never leaves a half-written run folder.
+    """
+    final = Path(final)
+    check(not final.is_file(), f"output path '{final}' is a file: pass a folder to --out")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""The ``quantlab`` command: parse flags, build a config, call one library function, print.
+
+Exit codes: 0 success, 1 a check failed (``lint`` found rule violations), 2 a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from quantlab.config import CALIBRATOR_NAMES, TARGETS, Config, load_config, override
+from quantlab.errors import QuantlabError, check
+
+
+def _names(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = allowed if value == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    for n in names:
+        check(n in allowed, f"unknown {what} '{n}': choose one of {', '.join(allowed)} or all")
+    return names
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and Path("quantlab.toml").is_file():
+        path = "quantlab.toml"
+    config = load_config(path)
+    if args.model is not None:
+        import dataclasses
+
+        model = dataclasses.replace(config.model, onnx=str(Path(args.model).resolve()), pytorch=None, name="")
+        config = dataclasses.replace(config, model=model)
+    return config
+
+
+def _ptq_config(args: argparse.Namespace) -> Config:
+    config = _config(args)
+    config = override(config, "data", calib=str(Path(args.calib).resolve()) if args.calib else None,
+                      batch_size=args.batch_size, max_samples=args.max_samples)
+    return override(
+        config, "ptq",
+        calibrators=_names(args.calibrator, CALIBRATOR_NAMES, "calibrator"),
+        targets=_names(args.target, TARGETS, "target"),
+        out=str(Path(args.out).resolve()) if args.out else None,
+        percentile=args.percentile,
+        run_name=args.name,
+    )
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="calibration batches", unit="batch", file=sys.stderr, leave=False)
+
+
+def cmd_ptq(args: argparse.Namespace) -> int:
+    from quantlab.ptq import run_ptq
+
+    result = run_ptq(_ptq_config(args), stats=args.stats, progress=_progress)
+    print(result)
+    return 0 if result else 1
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from quantlab.model import load_onnx
+    from quantlab.qdq.lint import lint_tensorrt
+
+    report = lint_tensorrt(load_onnx(args.model))
+    print(report.summary())
+    return 0 if report else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description="INT8 quantization and calibration workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ptq", help="post-training quantization: statistics, calibrators, Q/DQ models, caches")
+    p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
+    p.add_argument("--model", help="ONNX model to quantize (overrides [model] in the config)")
+    p.add_argument("--calib", help="folder of calibration images or .npy/.npz arrays")
+    p.add_argument("--calibrator", help=f"one of {', '.join(CALIBRATOR_NAMES)}, a comma list, or all")
+    p.add_argument("--target", help=f"one of {', '.join(TARGETS)}, a comma list, or all")
+    p.add_argument("--percentile", type=float, help="percentile of |x| for the percentile calibrator (default 99.99)")
+    p.add_argument("--out", help="folder that receives the run folder (default: reports)")
+    p.add_argument("--name", help="run folder name (default: the model name)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size")
+    p.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    p.add_argument("--stats", help="stats.npz of an earlier run: calibrate again without inference")
+    p.set_defaults(func=cmd_ptq)
+    p = sub.add_parser("lint", help="check a Q/DQ ONNX model against TensorRT's explicit-quantization rules")
+    p.add_argument("model", help="Q/DQ ONNX model")
+    p.set_defaults(func=cmd_lint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QuantlabError as exc:
+        print(f"quantlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantlab: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

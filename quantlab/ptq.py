@@ -1,0 +1,321 @@
+"""Post-training quantization end to end: one statistics pass, every calibrator, every target.
+
+``run_ptq(config)`` is what ``quantlab ptq`` calls.  It writes a run folder::
+
+    <out>/<run name>/
+      manifest.json            every artefact with its kind, size and sha256
+      summary.json             per engine: Q/DQ counts, rule check, agreement with FP32
+      timing.json              measured times (the only file that differs run to run)
+      stats.npz                the statistics; calibrate again from it without inference
+      model_fp32.onnx          the prepared FP32 graph everything else derives from
+      model_fp16.onnx          FP16 weights and compute, FP32 inputs and outputs
+      int8/<calibrator>.<target>.onnx
+      trt/<calibrator>.calib.cache   legacy TensorRT calibration caches
+      scales.json, scales.csv  activation ranges and deployed scales/zero-points
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantlab import __version__
+from quantlab.artefacts import Artefact, atomic_dir, csv_text, dumps_json, write_text
+from quantlab.config import Config
+from quantlab.errors import QuantlabError, check
+from quantlab.model import PreparedModel, export_pytorch, prepare_model
+from quantlab.stats import StatsSet
+
+ProgressFactory = Callable[[int], Any]
+
+
+@dataclass
+class EngineSummary:
+    """One INT8 model of the run and how it behaved on the first calibration batch."""
+
+    calibrator: str
+    target: str
+    path: str
+    quantize_nodes: int
+    dequantize_nodes: int
+    tensorrt_rules: str  # "pass", "fail: <rules>" or "n/a"
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+    latency_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.tensorrt_rules.startswith("fail")
+
+
+@dataclass
+class PtqResult:
+    """What a PTQ run produced; prints as a table, serialises to JSON, truthy when every model passed."""
+
+    run_dir: Path
+    model: str
+    samples: int
+    tensors: int
+    folded: int
+    engines: list[EngineSummary]
+    fp32_latency_ms: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return all(e.ok for e in self.engines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "samples": self.samples,
+            "calibrated_tensors": self.tensors,
+            "folded_tensors": self.folded,
+            "engines": [{k: v for k, v in asdict(e).items() if k != "latency_ms"} for e in self.engines],
+        }
+
+    def __str__(self) -> str:
+        head = f"{self.model}: {self.samples} calibration samples, {self.tensors} tensors calibrated (+{self.folded} folded)"
+        cols = ["calibrator", "target", "Q/DQ", "TRT rules", "cosine", "SQNR dB", "top-1 agree", "latency ms"]
+        rows = []
+        for e in self.engines:
+            slow = ""
+            if e.latency_ms is not None and self.fp32_latency_ms and e.latency_ms > self.fp32_latency_ms:
+                slow = " SLOWER than FP32"
+            rows.append([
+                e.calibrator, e.target, f"{e.quantize_nodes}/{e.dequantize_nodes}", e.tensorrt_rules,
+                f"{e.cosine:.5f}", f"{e.sqnr_db:.1f}",
+                "-" if e.top1_agreement is None else f"{e.top1_agreement:.2f}",
+                "-" if e.latency_ms is None else f"{e.latency_ms:.2f}{slow}",
+            ])
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
+        out = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
+        if self.fp32_latency_ms is not None:
+            out.append(f"FP32 latency (batch 1, median): {self.fp32_latency_ms:.2f} ms")
+        out.append(f"run folder: {self.run_dir}")
+        return "\n".join(out)
+
+
+def resolve_model(config: Config) -> Path:
+    """The ONNX file a config names, exporting its PyTorch factory when that is what it names."""
+    m = config.model
+    if m.onnx:
+        return config.resolve(m.onnx)
+    if m.pytorch:
+        return export_pytorch(m.pytorch, m.input_shapes, m.input_names, m.output_names, m.opset)
+    raise QuantlabError("no model given: pass --model MODEL.onnx or set [model] onnx or pytorch in quantlab.toml")
+
+
+def gather_stats(
+    config: Config, prepared: PreparedModel, progress: ProgressFactory | None = None
+) -> StatsSet:
+    """Run the one statistics pass over the configured calibration folder."""
+    from quantlab.collect import collect_stats
+    from quantlab.data import make_reader
+
+    check(config.data.calib is not None, "no calibration data given: pass --calib FOLDER or set [data] calib in quantlab.toml")
+    reader = make_reader(config.data, config.resolve(config.data.calib), prepared.inputs)
+    bar = progress(len(reader)) if progress else None
+    try:
+        return collect_stats(prepared, reader, on_batch=(lambda n: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarray]:
+    from quantlab.data import make_reader
+
+    if config.data.calib is None:
+        gen = np.random.default_rng(0)
+        return {s.name: gen.standard_normal([d or 1 for d in s.shape]).astype(s.dtype) for s in prepared.inputs}
+    return next(iter(make_reader(config.data, config.resolve(config.data.calib), prepared.inputs)))
+
+
+def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float | None]:
+    a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    na, nd = np.linalg.norm(a), np.linalg.norm(a - b)
+    cosine = float(a @ b / (na * np.linalg.norm(b))) if na and np.linalg.norm(b) else float(na == np.linalg.norm(b))
+    sqnr = float(20 * math.log10(na / nd)) if nd > 0 and na > 0 else (math.inf if na > 0 else 0.0)
+    top1 = float(np.mean(ref.argmax(-1) == out.argmax(-1))) if ref.ndim == 2 and ref.shape[-1] > 1 else None
+    return round(cosine, 6), round(min(sqnr, 999.0), 2), top1
+
+
+def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float | None:
+    if runs <= 0:
+        return None
+    one = {k: v[:1] for k, v in feed.items()}
+    for _ in range(3):
+        session.run(None, one)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, one)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def write_fp16(src: Path, dst: Path) -> None:
+    """FP16 copy of the model: weights and compute in FP16, inputs and outputs kept FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def run_ptq(
+    config: Config,
+    *,
+    stats: StatsSet | str | Path | None = None,
+    progress: ProgressFactory | None = None,
+) -> PtqResult:
+    """Quantize the configured model with every configured calibrator and target.
+
+    ``stats`` reuses the statistics of an earlier run (a ``StatsSet`` or its ``stats.npz``) so that
+    another calibrator or percentile costs no inference.  ``progress(total)`` may return a progress
+    bar (anything with ``update(n)`` and ``close()``) for the calibration batches.
+    """
+    import onnx
+
+    from quantlab.calibrators import get_calibrator
+    from quantlab.collect import ort_session
+    from quantlab.qdq.lint import lint_tensorrt
+    from quantlab.qdq.targets import TARGETS, compute_ranges, read_quant_params, write_qdq_model
+    from quantlab.trtcache import format_calibration_cache
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prepared = prepare_model(resolve_model(config), config.model.input_shapes)
+    seconds["prepare"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if stats is None:
+        stats = gather_stats(config, prepared, progress)
+    elif not isinstance(stats, StatsSet):
+        stats = StatsSet.load(stats)
+    check(
+        stats.model_sha256 == prepared.sha256,
+        "the statistics were collected on a different model: re-run calibration for this model (drop --stats)",
+    )
+    seconds["statistics"] = time.perf_counter() - t0
+    name = config.ptq.run_name or config.model.display_name
+    run_dir = config.resolve(config.ptq.out) / name
+    feed = _first_batch(config, prepared)
+    fp32 = ort_session(str(prepared.path), level="all")
+    reference = fp32.run(None, feed)[0]
+    fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs)
+
+    calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
+    artefacts: list[Artefact] = []
+    engines: list[EngineSummary] = []
+    scale_rows: list[dict[str, Any]] = []
+    with atomic_dir(run_dir) as tmp:
+        t0 = time.perf_counter()
+        stats.save(tmp / "stats.npz")
+        artefacts.append(Artefact("stats.npz", "statistics"))
+        shutil.copyfile(prepared.path, tmp / "model_fp32.onnx")
+        artefacts.append(Artefact("model_fp32.onnx", "model-fp32"))
+        write_fp16(prepared.path, tmp / "model_fp16.onnx")
+        ort_session(str(tmp / "model_fp16.onnx"))  # it must load
+        artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
+        seconds["fp16"] = time.perf_counter() - t0
+        for cname, calibrator in calibrators.items():
+            for tname in config.ptq.targets:
+                t0 = time.perf_counter()
+                target = TARGETS[tname]
+                ranges = compute_ranges(stats, calibrator, target)
+                seconds[f"ranges:{cname}:{tname}"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rel = f"int8/{cname}.{tname}.onnx"
+                write_qdq_model(prepared.path, ranges, target, tmp / rel)
+                seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
+                artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
+                qmodel = onnx.load(str(tmp / rel))
+                onnx.checker.check_model(qmodel)
+                session = ort_session(str(tmp / rel), level="all")
+                cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
+                rules = "n/a"
+                if tname == "tensorrt":
+                    report = lint_tensorrt(qmodel)
+                    rules = "pass" if report else "fail: " + ", ".join(sorted({i.rule for i in report.issues}))
+                ops = [n.op_type for n in qmodel.graph.node]
+                engines.append(EngineSummary(
+                    cname, tname, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules,
+                    cosine, sqnr, top1,
+                    _latency_ms(session, feed, config.ptq.latency_runs) if tname == "ort-cpu" else None,
+                ))
+                deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
+                for tensor, r in sorted(ranges.items()):
+                    p = deployed.get(("activation", tensor))
+                    scale_rows.append({
+                        "tensor": tensor, "kind": "activation", "calibrator": cname, "target": tname,
+                        "amax": r.amax, "min": r.lo, "max": r.hi,
+                        "scale": None if p is None else p.scale[0],
+                        "zero_point": None if p is None else p.zero_point[0],
+                        "dtype": None if p is None else p.dtype, "channels": 1,
+                        "folded_into": stats.folded.get(tensor),
+                    })
+                for (kind, tensor), p in sorted(deployed.items()):
+                    if kind == "weight":
+                        scale_rows.append({
+                            "tensor": tensor, "kind": "weight", "calibrator": cname, "target": tname,
+                            "amax": max(p.scale) * 127.0, "min": None, "max": None,
+                            "scale": list(p.scale), "zero_point": list(p.zero_point), "dtype": p.dtype,
+                            "channels": len(p.scale), "folded_into": None,
+                        })
+            amaxes = {n: r.amax for n, r in compute_ranges(stats, calibrator, TARGETS["tensorrt"]).items()}
+            rel = f"trt/{cname}.calib.cache"
+            write_text(tmp / rel, format_calibration_cache(amaxes))
+            artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
+        write_text(tmp / "scales.json", dumps_json(scale_rows))
+        artefacts.append(Artefact("scales.json", "scale-table"))
+        header = ["tensor", "kind", "calibrator", "target", "dtype", "amax", "min", "max", "channel", "scale", "zero_point"]
+        rows = []
+        for r in scale_rows:
+            scales = r["scale"] if isinstance(r["scale"], list) else [r["scale"]]
+            zps = r["zero_point"] if isinstance(r["zero_point"], list) else [r["zero_point"]]
+            for ch, (s, z) in enumerate(zip(scales, zps)):
+                rows.append([
+                    r["tensor"], r["kind"], r["calibrator"], r["target"], r["dtype"] or "",
+                    _num(r["amax"]), _num(r["min"]), _num(r["max"]), ch if r["kind"] == "weight" else "",
+                    _num(s), "" if z is None else z,
+                ])
+        write_text(tmp / "scales.csv", csv_text(header, rows))
+        artefacts.append(Artefact("scales.csv", "scale-table"))
+        result = PtqResult(
+            run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
+            fp32_latency, seconds,
+        )
+        write_text(tmp / "summary.json", dumps_json(result.to_dict()))
+        artefacts.append(Artefact("summary.json", "summary"))
+        timing = {
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "latency_ms_batch1": {"fp32": fp32_latency, **{e.path: e.latency_ms for e in engines if e.latency_ms}},
+        }
+        write_text(tmp / "timing.json", dumps_json(timing))
+        artefacts.append(Artefact("timing.json", "timing"))
+        manifest = {
+            "quantlab": __version__,
+            "model": {"name": config.model.display_name, "source": prepared.source.name, "sha256": prepared.sha256},
+            "calibration": {"samples": stats.samples, "calibrators": list(config.ptq.calibrators),
+                            "percentile": config.ptq.percentile, "targets": list(config.ptq.targets)},
+            "artefacts": [a.to_dict(tmp) for a in artefacts],
+        }
+        write_text(tmp / "manifest.json", dumps_json(manifest))
+    return result
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else repr(float(v))
