@@ -27,8 +27,9 @@ def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
 class Preprocess:
     """How an image file becomes a model input.
 
-    Steps, in order: decode to RGB; if ``resize`` is set, scale so the shorter side is ``resize``
-    pixels (bilinear); if ``crop`` is set, take the centre ``crop = (height, width)``; convert to
+    Steps, in order: decode to RGB; scale so the shorter side is ``resize`` pixels (bilinear;
+    ``None``: the crop size, ``0``: no resizing); take the centre ``crop = (height, width)``
+    (``None``: the model input's size); convert to
     float32 pixel values ``p`` in [0, 255]; ``x = (p * scale - mean) / std`` per channel; reorder
     channels when ``channel_order = "BGR"``; lay out as ``NCHW`` or ``NHWC``.
 
@@ -47,7 +48,10 @@ class Preprocess:
     def __post_init__(self) -> None:
         _one_of(self.channel_order, ("RGB", "BGR"), "channel_order")
         _one_of(self.layout, ("NCHW", "NHWC"), "layout")
-        check(self.resize is None or self.resize > 0, f"preprocess.resize must be positive, got {self.resize}")
+        check(
+            self.resize is None or self.resize >= 0,
+            f"preprocess.resize must be >= 0 (0: do not resize), got {self.resize}",
+        )
         check(
             self.crop is None or (len(self.crop) == 2 and min(self.crop) > 0),
             f"preprocess.crop must be [height, width] with positive sizes, got {self.crop}",
