@@ -88,14 +88,16 @@ def collect_stats(
     tensors = {n: TensorStats(n) for n in prepared.tensors if n in wanted}
     samples = 0
     for index, feed in enumerate(batches):
-        # graph inputs are calibrated straight from the feed
-        outputs = session.run(names, {k: feed[k] for k in input_names})
         where = f"in calibration batch {index}"
+        for name in input_names:  # graph inputs first, straight from the feed: bad data is named as such
+            value = feed[name]
+            if name in tensors:
+                update(tensors[name], value, where)
+            elif np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise QuantlabError(f"input '{name}' holds NaN or Inf values {where}: clean the calibration data")
+        outputs = session.run(names, {k: feed[k] for k in input_names})
         for name, value in zip(names, outputs):
             update(tensors[name], value, where)
-        for name in input_names:
-            if name in tensors and name not in names:
-                update(tensors[name], feed[name], where)
         n = next(iter(feed.values())).shape[0]
         samples += n
         if on_batch:

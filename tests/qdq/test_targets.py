@@ -1,0 +1,83 @@
+"""Q/DQ structure of both targets on a small graph, numeric closeness, and zero ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from quantlab.calibrators import get_calibrator
+from quantlab.collect import collect_stats, ort_session
+from quantlab.model import prepare_model
+from quantlab.qdq.lint import lint_tensorrt
+from quantlab.qdq.targets import TARGETS, compute_ranges, read_quant_params, write_qdq_model
+from quantlab.stats import StatsSet, TensorStats
+
+
+@pytest.fixture
+def calibrated(tiny_model):
+    pm = prepare_model(tiny_model)
+    g = np.random.default_rng(0)
+    batches = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
+    return pm, collect_stats(pm, batches), batches
+
+
+def _quantize(pm, stats, target, tmp_path):
+    ranges = compute_ranges(stats, get_calibrator("minmax"), TARGETS[target])
+    out = tmp_path / f"{target}.onnx"
+    write_qdq_model(pm.path, ranges, TARGETS[target], out)
+    return ranges, onnx.load(str(out)), out
+
+
+def test_tensorrt_target_structure(calibrated, tmp_path):
+    pm, stats, _ = calibrated
+    ranges, model, _ = _quantize(pm, stats, "tensorrt", tmp_path)
+    assert lint_tensorrt(model), lint_tensorrt(model).summary()
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    # Q/DQ only on the inputs of Conv, Add, pooling and Gemm: input, r1 (conv2 and the residual), c2, a1, flat
+    assert sorted(n.input[0] for n in qs) == sorted(["input", "r1", "c2", "a1", "flat"])
+    for q in qs:
+        assert inits[q.input[2]].dtype == np.int8 and inits[q.input[2]] == 0
+        assert inits[q.input[1]] == pytest.approx(ranges[q.input[0]].amax / 127, rel=1e-6)
+    assert not any(n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(1)).dtype == np.int32 for n in model.graph.node)
+
+
+def test_ort_cpu_target_structure(calibrated, tmp_path):
+    pm, stats, _ = calibrated
+    ranges, model, _ = _quantize(pm, stats, "ort-cpu", tmp_path)
+    params = read_quant_params(model)
+    acts = {p.tensor: p for p in params if p.kind == "activation"}
+    weights = {p.tensor: p for p in params if p.kind == "weight"}
+    assert all(p.dtype == "uint8" for p in acts.values())
+    assert {w: (p.dtype, p.axis, len(p.scale)) for w, p in weights.items()} == {
+        "w1": ("int8", 0, 8), "w2": ("int8", 0, 8), "w3": ("int8", 0, 4)
+    }
+    # r = s (q - z): the post-ReLU tensor uses all 256 levels on [0, max]
+    r1 = acts["r1"]
+    assert r1.zero_point == (0,) and r1.scale[0] == pytest.approx(stats.tensors["r1"].max / 255, rel=1e-6)
+    assert not lint_tensorrt(model)  # U8 zero-points and INT32 biases are not TensorRT's rules
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_int8_outputs_close_to_fp32(calibrated, tmp_path, target):
+    pm, stats, batches = calibrated
+    _, _, path = _quantize(pm, stats, target, tmp_path)
+    x = batches[0]
+    ref = ort_session(str(pm.path)).run(None, x)[0]
+    out = ort_session(str(path)).run(None, x)[0]
+    cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.995
+    assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.75
+
+
+def test_zero_range_tensor_never_gets_scale_zero():
+    zero = TensorStats.from_array("z", np.zeros(50))
+    const = TensorStats.from_array("c", np.full(50, 3.0))
+    stats = StatsSet({"z": zero, "c": const})
+    for name in ("minmax", "percentile", "entropy", "mse"):
+        for target in TARGETS.values():
+            r = compute_ranges(stats, get_calibrator(name), target)
+            assert r["z"].hi - r["z"].lo > 0 and r["z"].amax > 0
+            assert r["c"].hi == pytest.approx(3.0) and r["c"].lo == (-3.0 if target.symmetric else 0.0)

@@ -1,0 +1,87 @@
+"""The command line: exit codes, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from quantlab.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("quantlab: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_ptq_success_prints_the_summary(capsys, tiny_config, tmp_path):
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "minmax,entropy", "--target", "all")
+    assert code == 0
+    assert "24 calibration samples" in out and out.count(" pass ") == 2 and re.search(r"^entropy\s+ort-cpu\s", out, re.M)
+
+
+def test_unknown_calibrator_and_target_list_the_valid_ones(capsys, tiny_config):
+    assert "choose one of minmax, percentile, entropy, mse" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "kl")
+    assert "choose one of tensorrt, ort-cpu" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--target", "tflite")
+
+
+def test_bad_inputs_exit_2_and_write_nothing(capsys, tiny_config, tmp_path):
+    out = tmp_path / "out"
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "does not exist": ["--calib", str(tmp_path / "missing")],
+        "holds no": ["--calib", str(empty)],
+        "is not an ONNX model": ["--model", str(text)],
+    }
+    for expected, extra in cases.items():
+        assert expected in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--out", str(out), *extra)
+    assert not out.exists()
+
+
+def test_nan_activations_exit_2(capsys, tiny_config, tiny_calib, tmp_path):
+    bad = np.full((2, 3, 8, 8), np.inf, np.float32)
+    np.savez(tiny_calib / "bad.npz", input=bad)
+    assert "holds Inf values" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o" / "tiny").exists()
+
+
+def test_broken_config(capsys, tmp_path):
+    cfg = tmp_path / "quantlab.toml"
+    cfg.write_text("[ptq]\ncalibratorz = ['minmax']\n")
+    assert "unknown key(s) calibratorz in [ptq]" in one_line_error(capsys, "ptq", "--config", str(cfg))
+    cfg.write_text("[ptq\n")
+    assert "is not valid TOML" in one_line_error(capsys, "ptq", "--config", str(cfg))
+
+
+def test_lint_exit_codes(capsys, tiny_config, tiny_model):
+    run(capsys, "ptq", "--config", str(tiny_config))
+    reports = tiny_config.parent / "reports" / "tiny" / "int8"
+    assert run(capsys, "lint", str(reports / "entropy.tensorrt.onnx"))[0] == 0
+    code, out, _ = run(capsys, "lint", str(reports / "entropy.ort-cpu.onnx"))
+    assert code == 1 and "int32-bias" in out
+    assert "not an ONNX model" in one_line_error(capsys, "lint", str(tiny_config))
+
+
+def test_console_script_runs_as_a_process(tiny_model):
+    proc = subprocess.run([sys.executable, "-m", "quantlab.cli", "lint", str(tiny_model)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no-qdq" in proc.stdout  # an FP32 model has nothing quantized
+
+
+def test_import_stays_light():
+    code = "import sys, quantlab; print(sorted(m for m in ('torch', 'onnxruntime', 'numba', 'matplotlib') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -1,0 +1,89 @@
+"""The PTQ pipeline on a small model: every artefact, determinism, atomicity, statistics reuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from quantlab.config import load_config, override
+from quantlab.errors import QuantlabError
+from quantlab.ptq import run_ptq
+from quantlab.stats import StatsSet
+from quantlab.trtcache import read_calibration_cache
+
+
+def _files(run_dir):
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_run_writes_every_artefact_and_lists_it(tiny_config):
+    result = run_ptq(load_config(tiny_config))
+    assert result
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    listed = {a["path"]: a for a in manifest["artefacts"]}
+    assert set(listed) | {"manifest.json"} == set(_files(run))
+    kinds = sorted(a["kind"] for a in manifest["artefacts"])
+    assert kinds.count("model-int8-qdq") == 8 and kinds.count("tensorrt-calibration-cache") == 4
+    assert {"statistics", "model-fp32", "model-fp16", "scale-table", "summary", "timing"} <= set(kinds)
+    assert manifest["calibration"]["samples"] == 24
+    assert all(e["tensorrt_rules"] == "pass" for e in json.loads((run / "summary.json").read_text())["engines"] if e["target"] == "tensorrt")
+
+
+def test_cache_matches_the_scale_table(tiny_config):
+    run = run_ptq(load_config(tiny_config)).run_dir
+    rows = json.loads((run / "scales.json").read_text())
+    for calibrator in ("minmax", "percentile", "entropy", "mse"):
+        cache = read_calibration_cache(run / "trt" / f"{calibrator}.calib.cache")
+        amax = {r["tensor"]: r["amax"] for r in rows if r["calibrator"] == calibrator and r["target"] == "tensorrt" and r["kind"] == "activation"}
+        assert cache.algorithm == "EntropyCalibration2" and set(cache.scales) == set(amax)
+        for tensor, value in amax.items():
+            assert cache.scales[tensor] == pytest.approx(value / 127, rel=1e-6)
+    deployed = [r for r in rows if r["target"] == "tensorrt" and r["kind"] == "activation" and r["scale"] is not None]
+    assert deployed and all(r["scale"] == pytest.approx(r["amax"] / 127, rel=1e-6) and r["zero_point"] == 0 for r in deployed)
+    csv_lines = (run / "scales.csv").read_text().splitlines()
+    assert csv_lines[0] == "tensor,kind,calibrator,target,dtype,amax,min,max,channel,scale,zero_point"
+
+
+def test_same_inputs_same_bytes(tiny_config, tmp_path):
+    config = load_config(tiny_config)
+    first = _files(run_ptq(config).run_dir)
+    second = _files(run_ptq(override(config, "ptq", run_name="again")).run_dir)
+    first.pop("timing.json"), second.pop("timing.json")
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_stats_reuse_needs_no_data_and_gives_the_same_models(tiny_config, tmp_path):
+    config = load_config(tiny_config)
+    run = run_ptq(config).run_dir
+    no_data = dataclasses.replace(config, data=dataclasses.replace(config.data, calib=None))
+    reused = run_ptq(override(no_data, "ptq", run_name="reuse", percentile=99.9), stats=run / "stats.npz")
+    assert (reused.run_dir / "int8" / "minmax.ort-cpu.onnx").read_bytes() == (run / "int8" / "minmax.ort-cpu.onnx").read_bytes()
+    assert StatsSet.load(reused.run_dir / "stats.npz").samples == 24
+
+
+def test_failed_run_leaves_nothing_half_written(tiny_config, tiny_calib):
+    config = load_config(tiny_config)
+    good = run_ptq(config).run_dir
+    before = _files(good)
+    bad = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    np.savez(tiny_calib / "zz_bad.npz", input=bad)
+    with pytest.raises(QuantlabError, match="NaN"):
+        run_ptq(config)
+    assert _files(good) == before
+    assert [p.name for p in good.parent.iterdir()] == [good.name]
+
+
+def test_stats_from_another_model_are_refused(tiny_config, tmp_path):
+    from conftest import conv_net, save_model
+
+    config = load_config(tiny_config)
+    run = run_ptq(config).run_dir
+    other = save_model(conv_net(seed=5), tmp_path / "other.onnx")
+    with pytest.raises(QuantlabError, match="different model"):
+        run_ptq(override(config, "model", onnx=str(other)), stats=run / "stats.npz")
