@@ -8,12 +8,12 @@
 =============  ==========================================================================
 
 >>> get_calibrator("percentile", percentile=99.9)
-PercentileCalibrator(percentile=99.9, name='percentile')
+PercentileCalibrator(percentile=99.9)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from quantlab.calibrators.base import Calibrator, asymmetric_range
 from quantlab.calibrators.entropy import EntropyCalibrator

@@ -17,9 +17,9 @@ modelopt (``_compute_amax_entropy``), the implementation users compare against:
 Levels are cut as in the TensorRT description (``m = i // L`` bins per level, the last level taking
 the remainder), where modelopt cuts them with ``linspace``.  The search runs over
 ``i = L ... last + 1`` where ``last`` is the last non-empty bin: further candidates add only empty
-bins.  ``L = 128`` levels of magnitude for signed INT8, ``256`` when the tensor is quantized unsigned
-(U8 over ``[0, amax]``).  NVIDIA's shipped calibrator is reported to differ again (127 levels, first
-bin discarded, histogram starting at 1024 bins); it is not reproduced here.
+bins.  ``L = 128`` levels of magnitude for signed INT8, ``256`` when the tensor is quantized
+unsigned (U8 over ``[0, amax]``).  NVIDIA's shipped calibrator is reported to differ again (127
+levels, first bin discarded, histogram starting at 1024 bins); it is not reproduced here.
 
 The divergence of one candidate
 -------------------------------
@@ -162,7 +162,7 @@ class EntropyCalibrator:
     last non-empty bin is below the number of levels) and 0.0 for an all-zero tensor.
     """
 
-    name: str = field(default="entropy", init=False)
+    name: str = field(default="entropy", init=False, repr=False)
 
     def compute_amax(self, stats: TensorStats, *, unsigned: bool = False) -> float:
         amax = float(stats.amax)

@@ -22,7 +22,7 @@ from quantlab.stats import TensorStats
 class MinMaxCalibrator:
     """``amax = stats.amax`` (the running max of ``|x|``); ``unsigned`` changes nothing."""
 
-    name: str = field(default="minmax", init=False)
+    name: str = field(default="minmax", init=False, repr=False)
 
     def compute_amax(self, stats: TensorStats, *, unsigned: bool = False) -> float:
         return float(stats.amax)

@@ -22,19 +22,23 @@ The arithmetic runs in units of half a bin, where the centres ``u_k = 2k + 1`` a
 ``a = 2i`` are integers and the step is ``d = 2i / qmax``.  Centres rise with ``k``, so the centres
 rounded to grid point ``j`` form one run of bins ``[B_{j-1}, B_j)`` (maybe empty), with
 
-    B_j = #{k : u_k < (j + 1/2) d} = ceil(((2j + 1) i - qmax) / (2 qmax))      (B_{qmax} = i)
+    B_j = #{k : u_k < (j + 1/2) d} = ceil(((2j + 1) i - qmax) / (2 qmax))     (B_qmax = i)
 
-an exact integer.  (A centre exactly half-way goes up; either way its error is ``(d / 2)^2``.)  With running sums ``s0, s1, s2`` of ``h``, ``h u`` and ``h u^2`` (``s[k]`` over bins
-``0 .. k-1``; exact in float64 up to about 5e8 elements), the rounding error of the kept bins is
+an exact integer (a centre exactly half-way goes up; either way its error is ``(d / 2)^2``).
+With running sums ``s0, s1, s2`` of ``h``, ``h u`` and ``h u^2`` (``s[k]`` over bins ``0 .. k-1``;
+exact in float64 up to about 5e8 elements), summation by parts gives the rounding error of the
+kept bins as
 
     sum_j sum_{k in run j} h_k (u_k - j d)^2
-      = s2[i] - 2 d (qmax s1[i] - sum_{j<qmax} s1[B_j]) + d^2 (qmax^2 s0[i] - sum_{j<qmax} (2j+1) s0[B_j])
+        = s2[i] - 2 d (qmax s1[i] - sum_{j<qmax} s1[B_j])
+                + d^2 (qmax^2 s0[i] - sum_{j<qmax} (2j + 1) s0[B_j])
 
-(summation by parts), and the clipped tail is ``S2 - 2 a S1 + a^2 S0`` over ``k >= i``.  Every
-candidate is one row of an ``(n_candidates, qmax)`` array of run ends: about 250 thousand elements
-for a 2048-bin histogram, in blocks of ``BLOCK`` candidates so that the arrays stay in cache, with
-no coarse-to-fine shortcut: every candidate is evaluated.  Expanding the squares cancels large terms, so the errors agree with a
-literal per-bin evaluation to about 1e-10 relative, not to the last bit; ``TIE_RTOL`` absorbs that.
+and the clipped tail is ``S2 - 2 a S1 + a^2 S0`` over ``k >= i``.  Every candidate is one row of an
+``(n_candidates, qmax)`` array of run ends, about 250 thousand elements for a 2048-bin histogram,
+taken in blocks of ``BLOCK`` candidates so that the arrays stay in cache.  There is no
+coarse-to-fine shortcut: every candidate is evaluated.  Expanding the squares cancels large terms,
+so the errors agree with a literal per-bin evaluation to about 1e-10 relative, not to the last
+bit; ``TIE_RTOL`` absorbs that.
 """
 
 from __future__ import annotations
@@ -60,10 +64,14 @@ def run_ends(cand: np.ndarray, qmax: int) -> np.ndarray:
     from one, so ``ceil(y) = floor(y + 1 - 1 / (4 qmax))`` holds with a margin that float rounding
     cannot cross; the sum is positive, so truncation is the floor.
 
-    >>> run_ends(np.array([254]), 127)[0, :3].tolist()  # step 4 bins: centres 0.5, 1.5 -> point 0
-    [2, 6, 10]
+    With ``i = 254`` the step is 2 bins: centre 0.5 rounds to 0, centres 1.5 and 2.5 to 2,
+    centres 3.5 and 4.5 to 4:
+
+    >>> run_ends(np.array([254]), 127)[0, :3].tolist()
+    [1, 3, 5]
     """
-    scaled = np.multiply.outer(np.asarray(cand, dtype=np.float64), (2.0 * np.arange(qmax) + 1.0) / (2 * qmax))
+    half_steps = (2.0 * np.arange(qmax) + 1.0) / (2 * qmax)
+    scaled = np.multiply.outer(np.asarray(cand, dtype=np.float64), half_steps)
     return (scaled + (0.5 - 1 / (4 * qmax))).astype(np.intp)
 
 
@@ -105,7 +113,11 @@ def quantization_mse(
         run_s1[block] = s1[ends].sum(axis=1)
         run_s0[block] = s0[ends] @ odd
     step = a / qmax
-    rounded = s2[cand] - 2 * step * (qmax * s1[cand] - run_s1) + step**2 * (qmax**2 * s0[cand] - run_s0)
+    rounded = (
+        s2[cand]
+        - 2 * step * (qmax * s1[cand] - run_s1)
+        + step**2 * (qmax**2 * s0[cand] - run_s0)
+    )
     return cand, (rounded + clipped) * (bin_width / 2) ** 2 / s0[-1]
 
 
@@ -117,7 +129,7 @@ class MseCalibrator:
     all-zero tensor.
     """
 
-    name: str = field(default="mse", init=False)
+    name: str = field(default="mse", init=False, repr=False)
 
     def compute_amax(self, stats: TensorStats, *, unsigned: bool = False) -> float:
         amax = float(stats.amax)

@@ -6,7 +6,8 @@ edge of the first bin where the CDF reaches ``p / 100``:
 
     k* = min{k : CDF[k] >= p / 100}        amax = min((k* + 1) * w, max|x|)
 
-So the result is at most one bin width above the exact sample percentile, never below it.
+So the result is at or above the sample percentile (the smallest ``|x|`` whose CDF reaches
+``p / 100``) by at most one bin width.
 
 Worked example: ``|x|`` histogram ``[5, 3, 1, 1]`` with ``w = 0.5`` (``N = 10``) has
 ``CDF = [0.5, 0.8, 0.9, 1.0]``; ``p = 90`` gives ``k* = 2`` and ``amax = 1.5``.
@@ -18,6 +19,7 @@ and modelopt) and 99.999.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 
@@ -38,11 +40,11 @@ class PercentileCalibrator:
     """
 
     percentile: float = 99.99
-    name: str = field(default="percentile", init=False)
+    name: str = field(default="percentile", init=False, repr=False)
 
     def __post_init__(self) -> None:
         p = self.percentile
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 100.0:
+        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 < p <= 100.0:
             raise QuantlabError(
                 f"percentile {p!r} is out of range: it must be a number with 0 < p <= 100; "
                 "use e.g. 99.99 (or 100 for the max)"

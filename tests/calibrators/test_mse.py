@@ -24,7 +24,8 @@ DISTRIBUTIONS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
 
 
 def stats_of(kind: str, seed: int = 0, nbins: int = 2048) -> TensorStats:
-    return TensorStats.from_array(kind, DISTRIBUTIONS[kind](np.random.default_rng(seed)), nbins=nbins)
+    x = DISTRIBUTIONS[kind](np.random.default_rng(seed))
+    return TensorStats.from_array(kind, x, nbins=nbins)
 
 
 def reference_mse(hist: np.ndarray, bin_width: float, qmax: int) -> list[tuple[int, float]]:

@@ -49,7 +49,8 @@ def test_percentile_is_passed_on() -> None:
 def test_unknown_name() -> None:
     with pytest.raises(QuantlabError) as info:
         get_calibrator("xyz")
-    assert str(info.value) == "unknown calibrator 'xyz': choose one of minmax, percentile, entropy, mse"
+    expected = "unknown calibrator 'xyz': choose one of minmax, percentile, entropy, mse"
+    assert str(info.value) == expected
 
 
 def test_reexports_asymmetric_range() -> None:
