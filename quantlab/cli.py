@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (``lint`` found rule violations), 2 a us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,13 +25,13 @@ def _names(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config: ``--config``, else ./quantlab.toml, except that ``--model`` alone starts from the
+    defaults (a ./quantlab.toml describes another model: its shapes and preprocessing do not apply)."""
     path = args.config
-    if path is None and Path("quantlab.toml").is_file():
+    if path is None and args.model is None and Path("quantlab.toml").is_file():
         path = "quantlab.toml"
     config = load_config(path)
     if args.model is not None:
-        import dataclasses
-
         model = dataclasses.replace(config.model, onnx=str(Path(args.model).resolve()), pytorch=None, name="")
         config = dataclasses.replace(config, model=model)
     return config

@@ -85,3 +85,13 @@ def test_console_script_runs_as_a_process(tiny_model):
 def test_import_stays_light():
     code = "import sys, quantlab; print(sorted(m for m in ('torch', 'onnxruntime', 'numba', 'matplotlib') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_model_flag_alone_ignores_a_local_config(capsys, tmp_path, tiny_model, tiny_calib, monkeypatch):
+    from conftest import ROOT
+
+    (tmp_path / "quantlab.toml").write_text((ROOT / "quantlab.toml").read_text())  # the EfficientNet default
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "ptq", "--model", str(tiny_model), "--calib", str(tiny_calib), "--calibrator", "minmax",
+                       "--out", "runs")
+    assert code == 0 and (tmp_path / "runs" / "tiny" / "int8" / "minmax.tensorrt.onnx").is_file()
