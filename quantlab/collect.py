@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -30,6 +31,8 @@ def ort_session(model: onnx.ModelProto | str, *, level: str = "basic", threads: 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
+    # idle ORT workers must not spin between runs: the histogram kernel needs those cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -49,8 +52,6 @@ def _augmented(prepared: PreparedModel) -> onnx.ModelProto:
 
 def update(stats: TensorStats, x: np.ndarray, where: str) -> None:
     """Add one batch of a tensor to its statistics (see :mod:`quantlab.stats`)."""
-    import numba
-
     from quantlab._kernels import histogram_update
 
     flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
@@ -71,7 +72,7 @@ def update(stats: TensorStats, x: np.ndarray, where: str) -> None:
     if stats.range == 0.0:
         stats.hist_pos[0] += flat.size
         return
-    histogram_update(flat, stats.hist_pos, stats.hist_neg, NBINS / stats.range, numba.get_num_threads())
+    histogram_update(flat, stats.hist_pos, stats.hist_neg, NBINS / stats.range)
 
 
 def collect_stats(
@@ -87,7 +88,8 @@ def collect_stats(
     wanted = set(names) | set(input_names)
     tensors = {n: TensorStats(n) for n in prepared.tensors if n in wanted}
     samples = 0
-    for index, feed in enumerate(batches):
+
+    def check_inputs(index: int, feed: Feed) -> None:
         where = f"in calibration batch {index}"
         for name in input_names:  # graph inputs first, straight from the feed: bad data is named as such
             value = feed[name]
@@ -95,14 +97,40 @@ def collect_stats(
                 update(tensors[name], value, where)
             elif np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 raise QuantlabError(f"input '{name}' holds NaN or Inf values {where}: clean the calibration data")
-        outputs = session.run(names, {k: feed[k] for k in input_names})
-        for name, value in zip(names, outputs):
-            update(tensors[name], value, where)
-        n = next(iter(feed.values())).shape[0]
-        samples += n
-        if on_batch:
-            on_batch(n)
+
+    def infer(feed: Feed) -> list[np.ndarray]:
+        return session.run(names, {k: feed[k] for k in input_names})
+
+    # Two-stage pipeline: ONNX Runtime computes batch k+1 in a worker thread (it releases the GIL)
+    # while this thread histograms batch k (the compiled kernel releases it too).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[int, Feed, Future[list[np.ndarray]]] | None = None
+        for index, feed in enumerate(batches):
+            check_inputs(index, feed)
+            job = (index, feed, pool.submit(infer, feed))
+            if pending is not None:
+                samples += _absorb(pending, names, tensors, on_batch)
+            pending = job
+        if pending is not None:
+            samples += _absorb(pending, names, tensors, on_batch)
     if samples == 0:
         raise QuantlabError("the calibration data gave no batch: add samples or raise data.max_samples")
     folded = {k: v for k, v in prepared.folded.items() if v in tensors}
     return StatsSet(tensors, folded, prepared.sha256, samples)
+
+
+def _absorb(
+    job: tuple[int, Feed, Future[list[np.ndarray]]],
+    names: list[str],
+    tensors: dict[str, TensorStats],
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Fold one finished batch into the statistics; returns its number of samples."""
+    index, feed, future = job
+    where = f"in calibration batch {index}"
+    for name, value in zip(names, future.result()):
+        update(tensors[name], value, where)
+    n = next(iter(feed.values())).shape[0]
+    if on_batch:
+        on_batch(n)
+    return n
