@@ -60,18 +60,6 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def _atomic_save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_pytorch(
     factory: str,
     input_shapes: dict[str, tuple[int, ...]],
