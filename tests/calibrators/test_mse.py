@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,22 +9,7 @@ import pytest
 from quantlab.calibrators.mse import START_BIN, TIE_RTOL, MseCalibrator, quantization_mse
 from quantlab.stats import TensorStats
 
-N = 50_000
-DISTRIBUTIONS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
-    "normal": lambda rng: rng.normal(size=N),
-    "laplace": lambda rng: rng.laplace(size=N),
-    "uniform": lambda rng: rng.uniform(-3.0, 3.0, size=N),
-    "relu": lambda rng: np.maximum(rng.normal(size=N), 0.0),  # half the elements are exactly 0
-    "outliers": lambda rng: np.concatenate([rng.normal(size=10 * N), [25.0, -25.0]]),
-    "discrete": lambda rng: rng.choice([-1.5, 0.25, 0.5, 3.0], size=N),
-    "constant": lambda rng: np.full(1000, 0.7),
-    "zeros": lambda rng: np.zeros(1000),
-}
-
-
-def stats_of(kind: str, seed: int = 0, nbins: int = 2048) -> TensorStats:
-    x = DISTRIBUTIONS[kind](np.random.default_rng(seed))
-    return TensorStats.from_array(kind, x, nbins=nbins)
+from distributions import DISTRIBUTIONS, stats_of
 
 
 def reference_mse(hist: np.ndarray, bin_width: float, qmax: int) -> list[tuple[int, float]]:
@@ -101,7 +85,7 @@ def test_constant_tensor_keeps_its_value() -> None:
 
 
 def test_clips_far_outliers() -> None:
-    stats = stats_of("outliers")
+    stats = stats_of("far_outliers")
     assert MseCalibrator().compute_amax(stats) < 0.5 * stats.amax
     laplace = stats_of("laplace")
     assert MseCalibrator().compute_amax(laplace) < 0.9 * laplace.amax
