@@ -232,10 +232,11 @@ def run_ptq(
         artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
         seconds["fp16"] = time.perf_counter() - t0
         for cname, calibrator in calibrators.items():
+            by_target: dict[str, dict] = {}
             for tname in config.ptq.targets:
                 t0 = time.perf_counter()
                 target = TARGETS[tname]
-                ranges = compute_ranges(stats, calibrator, target)
+                ranges = by_target[tname] = compute_ranges(stats, calibrator, target)
                 seconds[f"ranges:{cname}:{tname}"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 rel = f"int8/{cname}.{tname}.onnx"
@@ -275,7 +276,8 @@ def run_ptq(
                             "scale": list(p.scale), "zero_point": list(p.zero_point), "dtype": p.dtype,
                             "channels": len(p.scale), "folded_into": None,
                         })
-            amaxes = {n: r.amax for n, r in compute_ranges(stats, calibrator, TARGETS["tensorrt"]).items()}
+            trt_ranges = by_target.get("tensorrt") or compute_ranges(stats, calibrator, TARGETS["tensorrt"])
+            amaxes = {n: r.amax for n, r in trt_ranges.items()}
             rel = f"trt/{cname}.calib.cache"
             write_text(tmp / rel, format_calibration_cache(amaxes))
             artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
