@@ -141,21 +141,117 @@ class PtqConfig:
         check(self.latency_runs >= 0, f"ptq.latency_runs must be >= 0, got {self.latency_runs}")
 
 
+TASKS: tuple[str, ...] = ("classification", "dense", "embedding", "outputs")
+BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """How ``quantlab compare`` evaluates the FP32, FP16 and INT8 engines of a run.
+
+    ``eval`` is the evaluation folder; ``glob`` picks files inside it.  ``labels = "filename"`` reads
+    an integer class label from the file name (the number after the last ``_`` of the stem).
+    ``extra`` is an optional second, unlabelled folder whose samples count for agreement metrics
+    only; for images ``extra_crops = k`` takes a k x k grid of crops from each image after scaling
+    its shorter side to ``extra_resize`` pixels.  ``task`` picks the task metrics:
+
+    * ``classification``: top-1/top-5 where there are labels; top-1 agreement, top-5 overlap and the
+      KL divergence of the softmax against FP32 everywhere;
+    * ``dense``: IoU of the maps thresholded at ``dense_threshold`` and mean absolute error vs FP32;
+    * ``embedding``: cosine similarity to FP32 and retrieval top-``retrieval_k`` agreement;
+    * ``outputs``: only the per-output metrics (cosine, SQNR, max abs error, within atol/rtol),
+      which every task reports too.
+
+    ``output`` names the model output the task metrics read (default: the first).  ``metric`` is a
+    user metric ``module:function``.  ``primary`` is the metric that ranks engines (default: the
+    task's main one).
+    """
+
+    eval: str | None = None
+    glob: str = "*"
+    labels: str = "none"
+    extra: str | None = None
+    extra_glob: str = "*"
+    extra_crops: int = 1
+    extra_resize: int | None = None
+    task: str = "outputs"
+    output: str | None = None
+    dense_threshold: float = 0.3
+    retrieval_k: int = 5
+    metric: str | None = None
+    primary: str | None = None
+    max_samples: int = 0
+    batch_size: int = 8
+    backend: str = "onnxruntime"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    latency_batches: tuple[int, ...] = (1, 8)
+    latency_runs: int = 20
+    warmup: int = 3
+    layers: bool = True
+    sensitivity_samples: int = 32
+
+    def __post_init__(self) -> None:
+        _one_of(self.task, TASKS, "compare.task")
+        _one_of(self.backend, BACKENDS, "compare.backend")
+        check(self.labels in ("none", "filename"), f"unknown compare.labels '{self.labels}': choose one of none, filename")
+        check(self.extra_crops >= 1, f"compare.extra_crops must be >= 1, got {self.extra_crops}")
+        check(0.0 <= self.dense_threshold, f"compare.dense_threshold must be >= 0, got {self.dense_threshold}")
+        check(self.retrieval_k >= 1, f"compare.retrieval_k must be >= 1, got {self.retrieval_k}")
+        check(
+            self.metric is None or ":" in self.metric,
+            f"compare.metric must be 'module:function', got '{self.metric}'",
+        )
+        check(self.max_samples >= 0, f"compare.max_samples must be >= 0, got {self.max_samples}")
+        check(self.batch_size > 0, f"compare.batch_size must be positive, got {self.batch_size}")
+        check(self.atol >= 0 and self.rtol >= 0, "compare.atol and compare.rtol must be >= 0")
+        check(
+            len(self.latency_batches) > 0 and all(isinstance(b, int) and b > 0 for b in self.latency_batches),
+            f"compare.latency_batches must be positive integers, got {list(self.latency_batches)}",
+        )
+        check(self.latency_runs >= 0 and self.warmup >= 0, "compare.latency_runs and compare.warmup must be >= 0")
+        check(self.sensitivity_samples >= 0, "compare.sensitivity_samples must be >= 0")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ptq: PtqConfig = field(default_factory=PtqConfig)
-    tolerance: dict[str, float] = field(default_factory=dict)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    tolerance: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path.cwd)
 
     def resolve(self, path: str | Path) -> Path:
-        """A path from the config, made absolute against the config file's folder."""
+        """A path from the config, made absolute against the config file's folder.
+
+        ``pkg:NAME/sub/path`` names a path inside the installed Python package ``NAME`` (data that
+        ships with a package, such as foolbox's labelled ImageNet images).
+        """
+        text = str(path)
+        if text.startswith("pkg:"):
+            return package_path(text[4:])
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.root / p)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "ptq": PtqConfig}
+def package_path(spec: str) -> Path:
+    """``NAME/sub/path`` inside the installed package ``NAME``, found without importing it."""
+    import importlib.util
+
+    name, _, rest = spec.partition("/")
+    try:
+        found = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):
+        found = None
+    check(
+        found is not None and found.submodule_search_locations,
+        f"package '{name}' named by 'pkg:{spec}' is not installed: pip install it (see the README's model table)",
+    )
+    return Path(list(found.submodule_search_locations)[0]) / rest
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "ptq": PtqConfig, "compare": CompareConfig}
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
