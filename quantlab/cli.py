@@ -65,6 +65,43 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0 if result else 1
 
 
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="engine", file=sys.stderr, leave=False)
+
+
+def _compare_config(args: argparse.Namespace) -> Config:
+    config = _config(args)
+    return override(
+        config, "compare",
+        backend=args.backend,
+        max_samples=args.max_samples,
+        latency_runs=args.latency_runs,
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from quantlab.compare import run_compare
+
+    config = _compare_config(args)
+    result = run_compare(
+        config, args.run, eval_dir=Path(args.eval).resolve() if args.eval else None,
+        layers=False if args.no_layers else None, progress=_bar,
+    )
+    print(result)
+    return 0 if result else 1
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from quantlab.gate import run_gate
+
+    result = run_gate(_config(args), run_dir=args.run, baseline=args.baseline, update_baseline=args.update_baseline,
+                      progress=_progress)
+    print(result)
+    return 0 if result else 1
+
+
 def cmd_lint(args: argparse.Namespace) -> int:
     from quantlab.model import load_onnx
     from quantlab.qdq.lint import lint_tensorrt
@@ -90,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
     p.add_argument("--stats", help="stats.npz of an earlier run: calibrate again without inference")
     p.set_defaults(func=cmd_ptq)
+    p = sub.add_parser("compare", help="evaluate the FP32, FP16 and INT8 engines of a run: accuracy, per-layer error, latency")
+    p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
+    p.add_argument("--run", help="run folder written by quantlab ptq (default: the config's run folder)")
+    p.add_argument("--eval", help="evaluation folder (overrides [compare] eval)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="engine backend (default: onnxruntime)")
+    p.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
+    p.add_argument("--latency-runs", type=int, help="timed runs per engine and batch size (0: no latency)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer SQNR and sensitivity analysis")
+    p.set_defaults(func=cmd_compare, model=None)
+    p = sub.add_parser("gate", help="CI accuracy gate: tolerance and baseline; exit 0 pass, 1 fail, 2 user error")
+    p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
+    p.add_argument("--baseline", help="baseline JSON (default: [gate] baseline)")
+    p.add_argument("--update-baseline", action="store_true", help="record this run's results as the new baseline")
+    p.add_argument("--run", help="gate an existing run folder instead of quantizing again")
+    p.set_defaults(func=cmd_gate, model=None)
     p = sub.add_parser("lint", help="check a Q/DQ ONNX model against TensorRT's explicit-quantization rules")
     p.add_argument("model", help="Q/DQ ONNX model")
     p.set_defaults(func=cmd_lint)

@@ -23,8 +23,12 @@ from quantlab.model import PreparedModel
 from quantlab.stats import NBINS, StatsSet, TensorStats, range_for
 
 
-def ort_session(model: onnx.ModelProto | str, *, level: str = "basic", threads: int = 0):
-    """An ONNX Runtime CPU session with its logging kept quiet."""
+def ort_session(model: onnx.ModelProto | str, *, level: str = "basic", threads: int = 0, spinning: bool = False):
+    """An ONNX Runtime CPU session with its logging kept quiet.
+
+    ``spinning=False`` keeps idle worker threads from busy-waiting between runs (the statistics
+    pass needs those cores for histograms); latency measurements use ONNX Runtime's default (on).
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -32,7 +36,7 @@ def ort_session(model: onnx.ModelProto | str, *, level: str = "basic", threads: 
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     # idle ORT workers must not spin between runs: the histogram kernel needs those cores
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.graph_optimization_level = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

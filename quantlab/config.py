@@ -101,10 +101,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Calibration data: a folder of images or of ``.npy``/``.npz`` arrays.
+    """Calibration data: a folder of images, of ``.npy``/``.npz`` arrays or of ``.txt`` sentences.
 
-    ``kind = "auto"`` picks images when the folder holds image files, arrays otherwise.
+    ``kind = "auto"`` picks the one kind the folder holds (images, arrays or text).
     ``max_samples = 0`` uses every sample.  Samples are read in sorted file-name order.
+    Text data (one sample per non-empty line) is tokenized by ``tokenizer``: a HuggingFace
+    ``tokenizer.json`` or a folder holding one (``pkg:NAME/sub/path`` for one that ships with a
+    package), padded and truncated to ``max_length`` tokens.
     """
 
     calib: str | None = None
@@ -112,9 +115,12 @@ class DataConfig:
     batch_size: int = 8
     max_samples: int = 0
     preprocess: Preprocess = field(default_factory=Preprocess)
+    tokenizer: str | None = None
+    max_length: int = 128
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, ("auto", "images", "arrays"), "data.kind")
+        _one_of(self.kind, ("auto", "images", "arrays", "text"), "data.kind")
+        check(self.max_length > 0, f"data.max_length must be positive, got {self.max_length}")
         check(self.batch_size > 0, f"data.batch_size must be positive, got {self.batch_size}")
         check(self.max_samples >= 0, f"data.max_samples must be >= 0, got {self.max_samples}")
 
@@ -214,11 +220,86 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
+
+    ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
+    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat = false`` stops the
+    ladder before quantization-aware training.
+    """
+
+    target: str = "ort-cpu"
+    max_float_layers: int = 8
+    qat: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of(self.target, TARGETS, "tune.target")
+        check(self.max_float_layers >= 0, f"tune.max_float_layers must be >= 0, got {self.max_float_layers}")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The CI accuracy gate of ``quantlab gate``.
+
+    ``engines``: engine names to gate (``int8:<calibrator>.<target>``), or ``"best"`` for the best
+    INT8 engine by the primary metric, or ``"all"``.  ``baseline``: the stored results a run is
+    compared with; a gated metric may be at most ``regression`` worse than its baseline value.
+    """
+
+    engines: tuple[str, ...] = ("best",)
+    baseline: str = "reports/baseline.json"
+    regression: float = 0.005
+
+    def __post_init__(self) -> None:
+        check(len(self.engines) > 0, 'gate.engines is empty: name engines, or use ["best"] or ["all"]')
+        check(self.regression >= 0, f"gate.regression must be >= 0, got {self.regression}")
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware training (:mod:`quantlab.qat`), the last rung of the escalation ladder.
+
+    Fine-tunes the PyTorch model (``[model] pytorch``) with INT8 fake quantizers for ``epochs``
+    passes over ``data`` (a folder read like the calibration data; default: the calibration
+    folder), at most ``max_steps`` optimizer steps in all (0: no limit).  ``lr`` is the SGD learning
+    rate at the start of a cosine schedule: about 1% of the model's training rate (Wu et al. 2020).
+    ``loss``: ``labels`` (cross-entropy against labels the training batches carry), ``distill``
+    (mean squared error against the FP32 model's outputs, no labels needed) or ``auto`` (labels
+    when the batches have them).  ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    ``calib_batches`` batches calibrate the quantizers quantlab's ranges do not cover.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    momentum: float = 0.9
+    batch_size: int = 8
+    max_steps: int = 0
+    device: str = "auto"
+    loss: str = "auto"
+    data: str | None = None
+    seed: int = 0
+    calib_batches: int = 2
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, f"qat.epochs must be >= 1, got {self.epochs}")
+        check(self.lr > 0, f"qat.lr must be > 0, got {self.lr}")
+        check(0.0 <= self.momentum < 1.0, f"qat.momentum must be in [0, 1), got {self.momentum}")
+        check(self.batch_size > 0, f"qat.batch_size must be positive, got {self.batch_size}")
+        check(self.max_steps >= 0, f"qat.max_steps must be >= 0 (0: no limit), got {self.max_steps}")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "qat.device")
+        _one_of(self.loss, ("auto", "labels", "distill"), "qat.loss")
+        check(self.calib_batches >= 1, f"qat.calib_batches must be >= 1, got {self.calib_batches}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ptq: PtqConfig = field(default_factory=PtqConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
     tolerance: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path.cwd)
 
@@ -251,7 +332,10 @@ def package_path(spec: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / rest
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "ptq": PtqConfig, "compare": CompareConfig}
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "ptq": PtqConfig, "compare": CompareConfig,
+    "tune": TuneConfig, "gate": GateConfig, "qat": QatConfig,
+}
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -70,7 +70,9 @@ def export_pytorch(
     """Export ``module:factory()`` to ONNX (TorchScript exporter, dynamic batch axis), cached.
 
     The cache key hashes the factory name, shapes, names, opset, torch version and the module's
-    weights, so changed weights give a new export and an unchanged model is exported once.
+    weights, so changed weights give a new export and an unchanged model is exported once.  The
+    example inputs are float32 ``rand`` tensors, except those the module lists in an
+    ``input_dtypes = {name: torch.dtype}`` attribute, which are ones of that dtype (token ids).
     """
     module_name, _, attr = factory.partition(":")
     try:
@@ -92,7 +94,11 @@ def export_pytorch(
     if out.exists():
         return out
     gen = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(input_shapes[n], generator=gen) for n in input_names)
+    dtypes = getattr(module, "input_dtypes", {})  # a module may declare integer inputs, e.g. token ids
+    args = tuple(
+        torch.ones(input_shapes[n], dtype=dtypes[n]) if n in dtypes else torch.rand(input_shapes[n], generator=gen)
+        for n in input_names
+    )
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".onnx")
@@ -146,6 +152,21 @@ def _fix_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
                     f"model '{source.name}' input '{inp.name}' has dynamic dimension '{label}' at axis {axis}: "
                     f"fix it with [model.input_shapes] {inp.name} = [...] in quantlab.toml"
                 )
+
+
+def input_specs(model: onnx.ModelProto | str | Path) -> list[InputSpec]:
+    """The graph inputs of a model (initializers excluded), batch axis ``None`` when dynamic."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs.append(InputSpec(inp.name, dims, _np_dtype(tt.elem_type)))
+    return specs
 
 
 @dataclass
@@ -233,14 +254,7 @@ def prepare_model(source: str | Path, input_shapes: dict[str, tuple[int, ...]] |
     if not out.exists():
         _preprocess(model, out)
     prepared = onnx.load(str(out))
-    inits = {i.name for i in prepared.graph.initializer}
-    inputs = []
-    for inp in prepared.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        inputs.append(InputSpec(inp.name, dims, _np_dtype(tt.elem_type)))
+    inputs = input_specs(prepared)
     tensors, folded = _select_tensors(prepared)
     return PreparedModel(
         path=out, source=source, inputs=inputs, outputs=[o.name for o in prepared.graph.output],

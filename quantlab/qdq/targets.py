@@ -14,16 +14,28 @@ rewriter (``quantize_static`` with a precomputed range cache), which places the 
 
 A zero range never yields a zero scale: an all-zero tensor gets the range [-1, 1] (symmetric) or
 [0, 1] (asymmetric); any scale represents 0 exactly.
+
+Writing one model per calibrator: the Q/DQ graph ONNX Runtime builds depends on the model and the
+target, never on the ranges; the ranges only set each activation's ``<tensor>_scale`` and
+``<tensor>_zero_point`` initializers and, where biases are quantized to INT32, the bias
+initializers derived from them.  :func:`plan_rewrite` maps those initializers of a model
+``quantize_static`` wrote; :meth:`QdqRewrite.apply` then recomputes them for other ranges with
+ONNX Runtime's own arithmetic, giving the model ``quantize_static`` would write, byte for byte, at a
+small fraction of its cost.  Whatever cannot be mapped with certainty makes the caller fall back to
+``quantize_static``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -83,14 +95,22 @@ def compute_ranges(stats: StatsSet, calibrator: Calibrator, target: Target) -> d
     return ranges
 
 
-def write_qdq_model(model_path: str | Path, ranges: dict[str, TensorRange], target: Target, out: str | Path) -> None:
-    """Write the Q/DQ model of ``target`` with the given activation ranges to ``out``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+def _tensors_data(ranges: dict[str, TensorRange]) -> Any:
+    """The ranges as ONNX Runtime's calibration cache holds them (MinMax ``TensorsData``)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
     data = {
         name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi)) for name, r in sorted(ranges.items())
     }
+    return TensorsData(CalibrationMethod.MinMax, data)
+
+
+def write_qdq_model(model_path: str | Path, ranges: dict[str, TensorRange], target: Target, out: str | Path) -> None:
+    """Write the Q/DQ model of ``target`` with the given activation ranges to ``out``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
     extra: dict[str, object] = {"ActivationSymmetric": target.symmetric, "WeightSymmetric": True}
     kwargs: dict[str, object] = {}
     if target.op_types is not None:
@@ -101,7 +121,7 @@ def write_qdq_model(model_path: str | Path, ranges: dict[str, TensorRange], targ
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         cache = Path(tmp) / "ranges.json"
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        save_tensors_data(_tensors_data(ranges), cache)
         dst = Path(tmp) / "model.onnx"
         quiet = logging.getLogger("root"), logging.getLogger()
         levels = [q.level for q in quiet]
@@ -174,3 +194,188 @@ def read_quant_params(model: onnx.ModelProto) -> list[QuantParam]:
             QuantParam(name, kind, str(zp.dtype), axis, tuple(float(s) for s in scale), tuple(int(z) for z in zp.ravel())),
         )
     return list(params.values())
+
+
+# --- one quantize_static call per target: the other calibrators rewrite its model ------------------
+
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
+_NORM_OPS = ("InstanceNormalization", "LayerNormalization", "BatchNormalization")
+
+
+def _activation_qtype(target: Target) -> int:
+    return onnx.TensorProto.INT8 if target.symmetric else onnx.TensorProto.UINT8
+
+
+def _quantized_op_types(target: Target) -> set[str]:
+    """The op types ``quantize_static`` quantizes for ``target`` (all it knows when none are named)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ops = set(target.op_types) if target.op_types is not None else set(QLinearOpsRegistry) | set(QDQRegistry)
+    return ops - set(_QDQ_OPS)
+
+
+def ort_tensor_ranges(fp32: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target) -> dict[str, Any] | None:
+    """The range (a ``TensorData``) ONNX Runtime quantizes each activation with; ``None`` if it would fail.
+
+    The ranges are read back from the JSON of the calibration cache, as ``quantize_static`` reads
+    them, then adjusted on the FP32 graph as its ``adjust_tensor_ranges`` does: the input of a Relu
+    or Clip that is quantized and is that input's only reader takes the output's range; the output
+    of a quantized Softmax gets [0, 1].
+    """
+    from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorData, TensorsData
+
+    cache = json.loads(json.dumps(_tensors_data(ranges).to_dict(), cls=CalibrationCacheEncoder))
+    read = dict(TensorsData.from_dict(cache).items())
+    ops = _quantized_op_types(target)
+    readers = Counter(name for node in fp32.graph.node for name in node.input if name)
+    for node in fp32.graph.node:
+        if node.op_type not in ops:
+            continue
+        if node.op_type in ("Clip", "Relu"):
+            x, y = node.input[0], node.output[0]
+            if readers[x] == 1 and x in read and y in read:
+                read[x] = read[y]
+        elif node.op_type == "Softmax":
+            if node.output[0] not in read:
+                return None
+            read[node.output[0]] = TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
+    return read
+
+
+def activation_params(data: Any, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """``(zero_point, scale)`` ONNX Runtime computes for an activation range (``calc_quant_params``)."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    qmin, qmax = get_qmin_qmax_for_qType(_activation_qtype(target), reduce_range=False, symmetric=target.symmetric)
+    rmin, rmax = data.range_value
+    zero, scale = compute_scale_zp(rmin, rmax, qmin, qmax, target.symmetric, None)
+    return zero.squeeze(), scale.squeeze()
+
+
+def _scale_zp_initializers(name: str, zero: np.ndarray, scale: np.ndarray, qtype: int) -> list[onnx.TensorProto]:
+    """``<name>_scale`` and ``<name>_zero_point`` built as ONNX Runtime builds them."""
+    scale_type = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16}[scale.dtype]
+    return [
+        onnx.helper.make_tensor(f"{name}_scale", scale_type, scale.shape, scale.ravel().tolist()),
+        onnx.helper.make_tensor(f"{name}_zero_point", qtype, zero.shape, zero.ravel().tolist()),
+    ]
+
+
+def _weight_params(weight: onnx.TensorProto, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(zero_point, scale)`` of an S8 symmetric weight before any bias adjustment (``_calc_initializer_quant_params``)."""
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, tensor_proto_to_array
+
+    data = tensor_proto_to_array(weight)
+    if axis is None:
+        return compute_data_quant_params(data.flatten(), onnx.TensorProto.INT8, True)
+    pairs = [
+        compute_data_quant_params(data.take(i, axis).ravel(), onnx.TensorProto.INT8, True) for i in range(data.shape[axis])
+    ]
+    return np.asarray([z for z, _ in pairs]), np.asarray([s for _, s in pairs])
+
+
+def _adjusted_weight_scale(input_scale: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The weight scale once ONNX Runtime has kept ``bias`` within INT32.
+
+    ``quantize_static`` enlarges the scale of a weight wherever ``input_scale * weight_scale`` is below
+    ``1.0001 * 2 |bias| / (2**32 - 2)`` (``QDQQuantizer._adjust_weight_scale_for_int32_bias``, which has
+    no public counterpart): the same expressions, in the same dtypes, element by element.
+    """
+    if not weight_scale.size:
+        return weight_scale
+    int32 = np.iinfo(np.int32)
+    qrange = np.array(int32.max, dtype=np.float64) - np.array(int32.min + 1, dtype=np.float64)
+    x = np.array(input_scale.item(), dtype=np.float64)
+    if weight_scale.ndim == 0:
+        rmin = np.minimum(bias.min(), np.array(0, dtype=np.float64))
+        rmax = np.maximum(bias.max(), np.array(0, dtype=np.float64))
+        smallest = 1.0001 * (2.0 * np.maximum(np.abs(rmin), np.abs(rmax))) / qrange
+    else:
+        smallest = 1.0001 * (2.0 * np.abs(bias)) / qrange
+    w = weight_scale.astype(np.float64)
+    candidate = x * w
+    low = (candidate < smallest) & (candidate > 0.0)
+    if not low.any():
+        return weight_scale
+    out = weight_scale.copy()
+    out[low] = (w * (smallest / np.where(low, candidate, 1.0)))[low].astype(weight_scale.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class _Linked:
+    """A weight whose node also has a bias: its scale, and the INT32 bias, follow the input's scale."""
+
+    node: str
+    input: str  # the activation the node reads
+    weight: onnx.TensorProto  # FP32
+    axis: int | None
+    zero_point: np.ndarray
+    scale: np.ndarray  # before the bias adjustment
+    bias: np.ndarray  # FP32
+    beta: float
+    bias_input_scale: str | None  # scale initializer the INT32 bias follows; None: bias left in float
+
+
+class QdqRewrite:
+    """A Q/DQ model ``quantize_static`` wrote, ready to take other ranges (see :func:`plan_rewrite`)."""
+
+    def __init__(
+        self, fp32: onnx.ModelProto, base: onnx.ModelProto, target: Target, keys: set[str], tensors: list[str],
+        linked: list[_Linked],
+    ) -> None:
+        self._fp32 = fp32
+        self._base = base
+        self._target = target
+        self._keys = keys
+        self._tensors = tensors
+        self._linked = linked
+        self._index = {init.name: i for i, init in enumerate(base.graph.initializer)}
+
+    def initializers(self, ranges: dict[str, TensorRange]) -> dict[str, onnx.TensorProto] | None:
+        """Every range-dependent initializer for ``ranges``; ``None`` when they cannot be derived with certainty.
+
+        A weight whose scale the bias adjustment leaves as in the model rewritten is left out (so are
+        its quantized values, which only depend on that scale).
+        """
+        from onnx import numpy_helper
+        from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
+
+        if set(ranges) != self._keys:
+            return None
+        read = ort_tensor_ranges(self._fp32, ranges, self._target)
+        if read is None or any(t not in read for t in self._tensors) or any(k.input not in read for k in self._linked):
+            return None
+        qtype = _activation_qtype(self._target)
+        out: dict[str, onnx.TensorProto] = {}
+        for tensor in self._tensors:
+            out.update((i.name, i) for i in _scale_zp_initializers(tensor, *activation_params(read[tensor], self._target), qtype))
+        base = self._base.graph.initializer
+        for k in self._linked:
+            input_scale = np.asarray(activation_params(read[k.input], self._target)[1], dtype=np.float32)
+            scale = _adjusted_weight_scale(input_scale, k.scale, k.bias)
+            scale_init, _ = _scale_zp_initializers(k.weight.name, k.zero_point, scale, onnx.TensorProto.INT8)
+            if scale_init.SerializeToString() != base[self._index[scale_init.name]].SerializeToString():
+                out[scale_init.name] = scale_init
+                q = quantize_onnx_initializer(k.weight, onnx.TensorProto.INT8, k.zero_point, scale, k.axis)
+                out[q.name] = q
+            if k.bias_input_scale is not None:
+                # BaseQuantizer.quantize_bias_static_impl: scale input * weight * beta, zero-point 0
+                bias_scale = numpy_helper.to_array(out[k.bias_input_scale]) * numpy_helper.to_array(scale_init) * k.beta
+                q = np.asarray(k.bias, dtype=np.float64) / np.asarray(bias_scale, dtype=np.float64)
+                q = np.clip(q.round(), np.float64(np.iinfo(np.int32).min), np.float64(np.iinfo(np.int32).max))
+                name = f"{k.node_bias}_quantized" if False else None  # placeholder, replaced below
+        return out
+
+    def apply(self, ranges: dict[str, TensorRange]) -> onnx.ModelProto | None:
+        """The model ``quantize_static`` writes for ``ranges``, or ``None``: then call it instead."""
+        values = self.initializers(ranges)
+        if values is None:
+            return None
+        model = onnx.ModelProto()
+        model.CopyFrom(self._base)
+        inits = model.graph.initializer
+        for name, init in values.items():
+            inits[self._index[name]].CopyFrom(init)
+        return model

@@ -1,0 +1,598 @@
+"""``quantlab compare``: evaluate every engine of a PTQ run on the same data with the same metrics.
+
+``run_compare(config, run_dir)`` reads the run's ``manifest.json`` for its engines (FP32, FP16 and
+each INT8 Q/DQ model), loads the evaluation set the ``[compare]`` section describes once into
+memory, runs every engine over it, and computes
+
+* the task metrics against FP32 and the labels (:mod:`quantlab.compare.metrics`),
+* per output: cosine, SQNR, max abs error, fraction within atol/rtol,
+* the ``[tolerance]`` rules for every INT8 engine (:mod:`quantlab.compare.tolerance`),
+* latency: median and p90 of ``latency_runs`` timed runs after ``warmup`` runs, at each of
+  ``latency_batches``, throughput in samples per second, and the model file's size; an INT8
+  engine slower than FP32 at batch 1 is flagged,
+* per-layer analysis of the best INT8 engine (:mod:`quantlab.compare.layers`): each quantized
+  layer's own SQNR and the SQNR accumulated up to it, and its sensitivity (the primary metric with
+  only that layer quantized), worst first.
+
+Results go into the run folder: ``compare.json`` (deterministic: same run and data give the same
+bytes), ``latency.json`` (measured times), both listed in ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantlab.artefacts import dumps_json, write_text
+from quantlab.compare import metrics as M
+from quantlab.compare.runners import Runner, make_runner
+from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
+from quantlab.config import Config
+from quantlab.errors import QuantlabError, check
+
+Feed = dict[str, np.ndarray]
+ProgressFactory = Callable[[int, str], Any]
+
+
+# ---------------------------------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine of a run: a model file and what it is."""
+
+    name: str
+    precision: str
+    path: str
+    calibrator: str | None = None
+    target: str | None = None
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    manifest = run_dir / "manifest.json"
+    check(run_dir.is_dir(), f"run folder '{run_dir}' does not exist: run quantlab ptq first, or pass --run to an existing run")
+    check(
+        manifest.is_file(),
+        f"run folder '{run_dir}' has no manifest.json: pass a folder written by quantlab ptq (or run it again)",
+    )
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantlabError(f"'{manifest}' is not valid JSON ({exc}): run quantlab ptq again") from None
+
+
+def engines_of_run(run_dir: Path, manifest: dict[str, Any] | None = None) -> list[EngineSpec]:
+    """FP32, FP16 and every INT8 model the manifest lists, in that order."""
+    manifest = manifest if manifest is not None else read_manifest(run_dir)
+    engines: list[EngineSpec] = []
+    int8: list[EngineSpec] = []
+    for a in manifest.get("artefacts", []):
+        kind = a.get("kind")
+        if kind == "model-fp32":
+            engines.insert(0, EngineSpec("fp32", "fp32", a["path"]))
+        elif kind == "model-fp16":
+            engines.append(EngineSpec("fp16", "fp16", a["path"]))
+        elif kind == "model-int8-qdq":
+            name = f"int8:{a['calibrator']}.{a['target']}"
+            int8.append(EngineSpec(name, "int8", a["path"], a["calibrator"], a["target"]))
+    check(
+        bool(engines) and engines[0].precision == "fp32",
+        f"the manifest of '{run_dir}' lists no FP32 model: run quantlab ptq again",
+    )
+    for e in [*engines, *int8]:
+        check((run_dir / e.path).is_file(), f"'{e.path}' listed in the manifest of '{run_dir}' is missing: run quantlab ptq again")
+    return engines + int8
+
+
+# ------------------------------------------------------------------------------------- eval data
+
+
+@dataclass
+class EvalSet:
+    """The evaluation samples in memory: batches, and a label per sample (-1: none)."""
+
+    batches: list[Feed]
+    labels: np.ndarray | None
+    samples: int
+    labelled: int
+    sources: list[str] = field(default_factory=list)
+
+    def subset(self, n: int) -> list[Feed]:
+        """The first ``n`` samples, batched as stored."""
+        out: list[Feed] = []
+        seen = 0
+        for feed in self.batches:
+            if seen >= n:
+                break
+            k = next(iter(feed.values())).shape[0]
+            take = min(k, n - seen)
+            out.append({key: v[:take] for key, v in feed.items()} if take < k else feed)
+            seen += take
+        return out
+
+
+def _label_of(path: Path) -> int:
+    tail = path.stem.rsplit("_", 1)[-1]
+    check(
+        tail.isdigit(),
+        f"cannot read a class label from '{path.name}': with compare.labels = \"filename\" each file name must end "
+        "in _<class number> (e.g. cat_281.jpg)",
+    )
+    return int(tail)
+
+
+def eval_reader(config: Config, folder: Path, inputs: list[Any], *, glob: str = "*", crops: int = 1,
+                resize: int | None = None) -> tuple[Any, list[Path]]:
+    """A reader over an evaluation folder (the ``[data]`` preprocessing, compare's batch size) and its files."""
+    import dataclasses
+
+    from quantlab.data import list_data_files, make_reader
+
+    data = dataclasses.replace(config.data, batch_size=config.compare.batch_size, max_samples=0)
+    _, files = list_data_files(folder, data.kind, glob)
+    reader = make_reader(data, folder, inputs, glob=glob, crops=crops, resize=resize, resolve=config.resolve)
+    return reader, files
+
+
+def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None = None) -> EvalSet:
+    """Read ``[compare] eval`` (or ``eval_dir``) and the optional ``extra`` folder into memory."""
+    c = config.compare
+    folder = eval_dir if eval_dir is not None else c.eval
+    check(folder is not None, "no evaluation data given: pass --eval FOLDER or set [compare] eval in the config")
+    path = Path(folder) if eval_dir is not None else config.resolve(folder)
+    batches: list[Feed] = []
+    labels: list[int] = []
+    sources = [str(folder)]
+    reader, files = eval_reader(config, path, inputs, glob=c.glob)
+    for feed in reader:
+        batches.append(feed)
+    n_main = sum(next(iter(b.values())).shape[0] for b in batches)
+    if c.labels == "filename":
+        check(
+            len(files) == n_main,
+            f"compare.labels = \"filename\" needs one sample per file, but '{path}' holds {n_main} samples in "
+            f"{len(files)} files: use image or .npy files of one sample each",
+        )
+        labels = [_label_of(f) for f in files]
+    else:
+        labels = [-1] * n_main
+    if c.extra:
+        sources.append(str(c.extra))
+        extra, _ = eval_reader(config, config.resolve(c.extra), inputs, glob=c.extra_glob,
+                               crops=c.extra_crops, resize=c.extra_resize)
+        for feed in extra:
+            batches.append(feed)
+            labels.extend([-1] * next(iter(feed.values())).shape[0])
+    if c.max_samples and len(labels) > c.max_samples:
+        kept = EvalSet(batches, None, len(labels), 0).subset(c.max_samples)
+        batches, labels = kept, labels[: c.max_samples]
+    lab = np.asarray(labels, dtype=np.int64)
+    labelled = int(np.sum(lab >= 0))
+    check(len(lab) > 0, f"the evaluation folder '{path}' gave no samples: add files that match compare.glob")
+    return EvalSet(batches, lab if labelled else None, len(lab), labelled, sources)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def run_all(runner: Runner, batches: list[Feed]) -> dict[str, np.ndarray]:
+    """Every output over all batches, concatenated on the batch axis; NaN/Inf is an error."""
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
+    for feed in batches:
+        for name, y in zip(runner.output_names, runner.run(feed)):
+            chunks[name].append(np.asarray(y))
+    out = {n: np.concatenate(v, axis=0) for n, v in chunks.items()}
+    for n, y in out.items():
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise QuantlabError(
+                f"engine {runner.name} produced NaN/Inf in output '{n}': check the model and the evaluation data"
+            )
+    return out
+
+
+def _stable(x: float | None, digits: int = 6) -> float | None:
+    if x is None:
+        return None
+    if math.isnan(x):
+        return None
+    return round(float(x), digits)
+
+
+def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...], runs: int, warmup: int,
+               fixed_batch: int | None) -> dict[str, dict[str, float]]:
+    """Median and p90 in ms and throughput in samples/s per batch size (sizes the model cannot take are skipped)."""
+    if runs <= 0:
+        return {}
+    pool = {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
+    total = next(iter(pool.values())).shape[0]
+    result: dict[str, dict[str, float]] = {}
+    for b in batch_sizes:
+        if fixed_batch is not None and fixed_batch != b:
+            continue
+        idx = np.arange(b) % total
+        feed = {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
+        for _ in range(warmup):
+            runner.run(feed)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            runner.run(feed)
+            times.append(time.perf_counter() - t)
+        ms = np.asarray(times) * 1000.0
+        median = float(np.median(ms))
+        result[str(b)] = {
+            "median_ms": round(median, 4),
+            "p90_ms": round(float(np.percentile(ms, 90)), 4),
+            "throughput": round(b * 1000.0 / median, 2) if median > 0 else 0.0,
+        }
+    return result
+
+
+@dataclass
+class EngineResult:
+    """One engine's evaluation."""
+
+    name: str
+    precision: str
+    path: str
+    calibrator: str | None
+    target: str | None
+    size_mb: float
+    metrics: dict[str, float | None]
+    outputs: dict[str, dict[str, float]]
+    failures: list[Failure] = field(default_factory=list)
+    tolerance_ok: bool | None = None
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    slower_than_fp32: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "precision": self.precision, "path": self.path, "calibrator": self.calibrator,
+            "target": self.target, "size_mb": self.size_mb, "metrics": self.metrics, "outputs": self.outputs,
+            "tolerance_ok": self.tolerance_ok, "failures": [f.to_dict() for f in self.failures],
+        }
+
+
+@dataclass
+class CompareResult:
+    """The comparison of a run's engines: prints as a table, serialises to JSON, and is truthy when
+    every INT8 engine meets the configured tolerance."""
+
+    run_dir: Path
+    model: str
+    backend: str
+    task: str
+    samples: int
+    labelled: int
+    primary: str
+    tolerance: dict[str, dict[str, float]]
+    engines: list[EngineResult]
+    layers: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return all(e.tolerance_ok is not False for e in self.engines if e.precision == "int8")
+
+    def __getitem__(self, name: str) -> EngineResult:
+        for e in self.engines:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def int8(self) -> list[EngineResult]:
+        return [e for e in self.engines if e.precision == "int8"]
+
+    @property
+    def best(self) -> EngineResult | None:
+        """The INT8 engine best on the primary metric (ties: better output SQNR, then name order)."""
+        ranked = rank_engines(self.int8, self.primary)
+        return ranked[0] if ranked else None
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {
+            "model": self.model, "backend": self.backend, "task": self.task, "samples": self.samples,
+            "labelled": self.labelled, "primary": self.primary, "tolerance": self.tolerance, "ok": bool(self),
+            "best": best.name if best else None, "engines": [e.to_dict() for e in self.engines],
+            "layers": self.layers,
+        }
+
+    def latency_dict(self) -> dict[str, Any]:
+        return {
+            "engines": {e.name: e.latency for e in self.engines},
+            "slower_than_fp32": [e.name for e in self.engines if e.slower_than_fp32],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+    def table(self) -> str:
+        keys = [k for k in _metric_columns(self) if any(e.metrics.get(k) is not None for e in self.engines)]
+        batches = sorted({b for e in self.engines for b in e.latency}, key=int)
+        cols = ["engine", *keys, *(f"ms@b{b}" for b in batches), "MB", "tolerance"]
+        rows = []
+        for e in self.engines:
+            row = [e.name]
+            for k in keys:
+                v = e.metrics.get(k)
+                row.append("-" if v is None else (f"{v:.1f}" if k == "sqnr_db" else f"{v:.4f}"))
+            for b in batches:
+                lat = e.latency.get(b)
+                row.append("-" if lat is None else f"{lat['median_ms']:.2f}" + (" SLOW" if b == "1" and e.slower_than_fp32 else ""))
+            row.append(f"{e.size_mb:.1f}")
+            row.append("-" if e.tolerance_ok is None else ("ok" if e.tolerance_ok else "FAIL"))
+            rows.append(row)
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
+        return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+
+    def __str__(self) -> str:
+        head = (f"{self.model}: {self.samples} evaluation samples ({self.labelled} labelled), task {self.task}, "
+                f"backend {self.backend}; primary metric {self.primary}")
+        out = [head, self.table()]
+        best = self.best
+        if best is not None:
+            out.append(f"best INT8 engine: {best.name} ({self.primary} {_fmt(best.metrics.get(self.primary))})")
+        for e in self.int8:
+            for f in e.failures:
+                out.append(f"  {e.name}: {f.explain()}")
+        slow = [e.name for e in self.engines if e.slower_than_fp32]
+        if slow:
+            out.append(f"SLOWER than FP32 at batch 1: {', '.join(slow)}")
+        if self.layers and self.layers.get("rows"):
+            worst = self.layers["rows"][:5]
+            desc = ", ".join(
+                f"{r['node']} ({_fmt(r.get('sensitivity'))}, own {_fmt(r.get('own_sqnr_db'), 1)} dB)" for r in worst
+            )
+            out.append(f"most sensitive layers of {self.layers['engine']} ({self.layers['score']}): {desc}")
+        if self.tolerance:
+            out.append("tolerance: " + ("every INT8 engine passes" if self else "some INT8 engines FAIL"))
+        out.append(f"results: {self.run_dir / 'compare.json'}")
+        return "\n".join(out)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _metric_columns(result: CompareResult) -> list[str]:
+    task = list(M.TASK_METRICS.get(result.task, ()))
+    extra = sorted({k for e in result.engines for k in e.metrics} - set(task) - set(M.OUTPUT_METRICS))
+    return [*task, *extra, "cosine", "sqnr_db"]
+
+
+def rank_engines(engines: list[EngineResult], primary: str) -> list[EngineResult]:
+    """Engines best first by the primary metric, then output SQNR, then name."""
+    sign = 1.0 if M.higher_is_better(primary) else -1.0
+
+    def key(e: EngineResult) -> tuple[float, float, str]:
+        v = e.metrics.get(primary)
+        return (-sign * v if v is not None else math.inf, -(e.metrics.get("sqnr_db") or -math.inf), e.name)
+
+    return sorted(engines, key=key)
+
+
+def engine_metrics(
+    config: Config, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
+    output: str, user: tuple[str, Callable[..., Any]] | None = None,
+) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+    """Task metrics (flat, with the task output's per-output metrics) and per-output metrics."""
+    c = config.compare
+    per_output = {
+        n: {k: _stable(v) for k, v in M.output_metrics(ref[n], out[n], c.atol, c.rtol).items()} for n in ref
+    }
+    flat: dict[str, float | None] = dict(per_output[output])
+    task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
+                          retrieval_k=c.retrieval_k)
+    flat.update({k: _stable(v) for k, v in task.items()})
+    if user is not None:
+        flat.update({k: _stable(v) for k, v in M.user_metrics(user[1], user[0], ref, out, labels).items()})
+    return flat, per_output
+
+
+def _output_name(config: Config, names: list[str]) -> str:
+    wanted = config.compare.output
+    if wanted is None:
+        return names[0]
+    check(wanted in names, f"compare.output '{wanted}' is not an output of the model: choose one of {', '.join(names)}")
+    return wanted
+
+
+def default_run_dir(config: Config) -> Path:
+    return config.resolve(config.ptq.out) / (config.ptq.run_name or config.model.display_name)
+
+
+class Evaluator:
+    """The evaluation set, FP32's outputs on it and the tolerance, loaded once; evaluates engines.
+
+    ``run_compare`` evaluates a run's engines with it; the escalation ladder evaluates the models it
+    builds (partially quantized, QAT) with the same one, so every engine is judged alike.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, *, eval_dir: str | Path | None = None) -> None:
+        c = config.compare
+        self.config = config
+        self.run_dir = run_dir
+        self.manifest = read_manifest(run_dir)
+        self.specs = engines_of_run(run_dir, self.manifest)
+        self.tolerance = parse_tolerance(config.tolerance)
+        self.user = (c.metric, M.load_user_metric(c.metric)) if c.metric else None
+        self.seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        fp32_path = run_dir / self.specs[0].path
+        self.fp32_path = fp32_path
+        self.inputs = _input_specs(fp32_path)
+        self.data = load_eval_set(config, self.inputs, eval_dir)
+        self.seconds["load_data"] = time.perf_counter() - t0
+        first = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else None
+        self.fixed_batch = first or None
+        self.max_batch = max(c.batch_size, *c.latency_batches)
+        self.fp32_runner = make_runner(c.backend, fp32_path, "fp32", max_batch=self.max_batch)
+        self.output = _output_name(config, self.fp32_runner.output_names)
+        self.primary = c.primary or M.default_primary(c.task, self.data.labelled)
+        self.reference: dict[str, np.ndarray] = {}
+        self.fp32: EngineResult | None = None
+
+    def evaluate(self, spec: EngineSpec, *, latency: bool = True) -> EngineResult:
+        """Run one engine over the evaluation set: metrics, latency, size, tolerance."""
+        c = self.config.compare
+        t0 = time.perf_counter()
+        path = self.run_dir / spec.path
+        is_ref = spec.precision == "fp32" and not self.reference
+        runner = self.fp32_runner if is_ref else make_runner(c.backend, path, spec.name, max_batch=self.max_batch)
+        out = run_all(runner, self.data.batches)
+        if is_ref:
+            self.reference = out
+        flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user)
+        self.seconds[f"eval:{spec.name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        runs = c.latency_runs if latency else 0
+        lat = latency_of(runner, self.data.batches, c.latency_batches, runs, c.warmup, self.fixed_batch)
+        self.seconds[f"latency:{spec.name}"] = time.perf_counter() - t0
+        size = round(path.stat().st_size / 1e6, 3)
+        result = EngineResult(spec.name, spec.precision, spec.path, spec.calibrator, spec.target, size, flat,
+                              per_output, latency=lat)
+        if is_ref:
+            self.fp32 = result
+            computed = {k for k, v in flat.items() if v is not None}
+            check_known(self.tolerance, computed, f"compare (task {c.task})")
+            check(
+                self.primary in computed,
+                f"compare.primary '{self.primary}' is not computed here: choose one of {', '.join(sorted(computed))}",
+            )
+        elif spec.precision == "int8":
+            self.judge(result)
+        return result
+
+    def judge(self, e: EngineResult) -> None:
+        """Apply the tolerance and the latency flag to an INT8 engine (FP32 must be evaluated first)."""
+        check(self.fp32 is not None, "evaluate the FP32 engine first: it is the reference")
+        e.failures = evaluate(self.tolerance, e.metrics, self.fp32.metrics) if self.tolerance else []
+        e.tolerance_ok = not e.failures if self.tolerance else None
+        fp32_b1 = self.fp32.latency.get("1", {}).get("median_ms")
+        b1 = e.latency.get("1", {}).get("median_ms")
+        e.slower_than_fp32 = bool(fp32_b1 and b1 and b1 > fp32_b1)
+
+    def result(self, engines: list[EngineResult]) -> CompareResult:
+        c = self.config.compare
+        return CompareResult(self.run_dir, self.config.model.display_name, c.backend, c.task, self.data.samples,
+                             self.data.labelled, self.primary, self.tolerance, engines, None, self.seconds)
+
+
+def run_compare(
+    config: Config,
+    run_dir: str | Path | None = None,
+    *,
+    eval_dir: str | Path | None = None,
+    layers: bool | None = None,
+    engines: list[str] | None = None,
+    write: bool = True,
+    progress: ProgressFactory | None = None,
+) -> CompareResult:
+    """Evaluate the engines of ``run_dir`` (default: the config's run folder) and write the results.
+
+    ``engines`` restricts the evaluation to those engine names (FP32 is always evaluated: it is the
+    reference).  ``layers`` overrides ``[compare] layers``.  ``write=False`` leaves the run folder
+    untouched.  ``progress(total, description)`` may return a progress bar.
+    """
+    c = config.compare
+    run = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    ev = Evaluator(config, run, eval_dir=eval_dir)
+    specs = ev.specs
+    if engines is not None:
+        unknown = sorted(set(engines) - {s.name for s in specs})
+        check(not unknown, f"unknown engine(s) {', '.join(unknown)}: the run has {', '.join(s.name for s in specs)}")
+        specs = [s for s in specs if s.name == "fp32" or s.name in engines]
+    bar = progress(len(specs), "engines") if progress else None
+    results: list[EngineResult] = []
+    try:
+        for spec in specs:
+            results.append(ev.evaluate(spec))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = ev.result(results)
+    do_layers = c.layers if layers is None else layers
+    best = result.best
+    if do_layers and best is not None and c.backend == "onnxruntime":
+        t0 = time.perf_counter()
+        result.layers = analyse_layers(config, ev.fp32_path, run / best.path, best.name, ev.data, ev.output)
+        ev.seconds["layers"] = time.perf_counter() - t0
+    if write:
+        write_results(result)
+    return result
+
+
+def _input_specs(path: Path) -> list[Any]:
+    from quantlab.model import input_specs
+
+    return input_specs(path)
+
+
+def analyse_layers(
+    config: Config, fp32_path: Path, int8_path: Path, engine: str, data: EvalSet, output: str,
+) -> dict[str, Any]:
+    """Own and accumulated SQNR of every quantized layer and its sensitivity, worst first.
+
+    Sensitivity is measured on the first ``sensitivity_samples`` evaluation samples: the model is
+    run with only that one layer quantized (downstream part only, from cached FP32 activations) and
+    scored by the SQNR of the task output against FP32, in dB (higher is better).  SQNR separates
+    layers that an agreement count over a few dozen samples would tie.
+    """
+    import onnx
+
+    from quantlab.compare import layers as L
+
+    n = config.compare.sensitivity_samples or data.samples
+    feeds = data.subset(n)
+    fp32_model, int8_model = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    errors = L.layer_errors(fp32_model, int8_model, feeds)
+    out_names = [o.name for o in fp32_model.graph.output]
+    index = out_names.index(output)
+    ref = None
+
+    def score(outputs: list[np.ndarray]) -> float:
+        return M.sqnr_db(ref, outputs[index])
+
+    from quantlab.compare.runners import OrtRunner
+
+    ref_runner = OrtRunner(fp32_path, "fp32")
+    ref = run_all(ref_runner, feeds)[output]
+    sens = {s.node: s.score for s in L.sensitivity(fp32_model, int8_model, feeds, score)}
+    rows = []
+    for e in errors:
+        d = e.to_dict()
+        d["sensitivity"] = _stable(sens.get(e.node), 4)
+        d["own_sqnr_db"] = _stable(d.get("own_sqnr_db"), 4)
+        d["accumulated_sqnr_db"] = _stable(d.get("accumulated_sqnr_db"), 4)
+        rows.append(d)
+    rows.sort(key=lambda r: (math.inf if r["sensitivity"] is None else r["sensitivity"], r["node"]))
+    return {"engine": engine, "samples": len(feeds) and sum(next(iter(f.values())).shape[0] for f in feeds),
+            "score": "output SQNR dB with only this layer quantized", "rows": rows}
+
+
+def write_results(result: CompareResult) -> None:
+    """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest."""
+    from quantlab.artefacts import Artefact
+
+    run = result.run_dir
+    for name, payload in (("compare.json", result.to_dict()), ("latency.json", result.latency_dict())):
+        tmp = run / f".{name}.tmp"
+        write_text(tmp, dumps_json(payload))
+        tmp.replace(run / name)
+    manifest = read_manifest(run)
+    kept = [a for a in manifest.get("artefacts", []) if a.get("path") not in ("compare.json", "latency.json")]
+    kept.append(Artefact("compare.json", "compare").to_dict(run))
+    kept.append(Artefact("latency.json", "timing").to_dict(run))
+    manifest["artefacts"] = kept
+    tmp = run / ".manifest.json.tmp"
+    write_text(tmp, dumps_json(manifest))
+    tmp.replace(run / "manifest.json")

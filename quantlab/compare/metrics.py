@@ -1,0 +1,210 @@
+"""Metrics that compare an engine's outputs with FP32's and with labels.
+
+Every metric here is a plain function of NumPy arrays holding all evaluation samples (batch axis
+first).  Names are the keys users write in ``[tolerance]`` and ``[compare] primary``:
+
+* per output, for every task: ``cosine`` (of the flattened outputs), ``sqnr_db``
+  (``20 log10(||ref|| / ||ref - out||)``, ONNX Runtime's qdq_loss_debug definition), ``max_abs`` and
+  ``within_tol`` (the fraction of elements with ``|out - ref| <= atol + rtol |ref|``, Polygraphy's
+  elementwise rule, 1e-5 for both by default);
+* ``classification``: ``top1`` and ``top5`` against labels (only on labelled samples),
+  ``top1_agreement`` (same argmax as FP32), ``top5_overlap`` (mean shared fraction of the two top-5
+  sets) and ``kl`` (mean KL divergence of FP32's softmax to the engine's, in nats);
+* ``dense`` (probability or score maps): ``iou`` of the maps thresholded at ``dense_threshold``
+  (per sample, then averaged; two empty maps count as 1) and ``mae``, the mean absolute error;
+* ``embedding``: ``mean_cosine`` and ``min_cosine`` of each sample's embedding to FP32's, and
+  ``retrieval_agreement``: for each sample as a query against all the others, the overlap of the
+  k nearest neighbours by cosine under the engine and under FP32.
+
+Lower is better for :data:`LOWER_IS_BETTER`; higher is better for every other metric, user
+metrics included.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from quantlab.errors import QuantlabError, check
+
+SQNR_CAP_DB = 999.0
+LOWER_IS_BETTER = frozenset({"kl", "mae", "max_abs"})
+OUTPUT_METRICS = ("cosine", "sqnr_db", "max_abs", "within_tol")
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("top1", "top5", "top1_agreement", "top5_overlap", "kl"),
+    "dense": ("iou", "mae"),
+    "embedding": ("mean_cosine", "min_cosine", "retrieval_agreement"),
+    "outputs": (),
+}
+
+
+def default_primary(task: str, labelled: int) -> str:
+    """The metric that ranks engines when the config names none."""
+    if task == "classification":
+        return "top1" if labelled else "top1_agreement"
+    return {"dense": "iou", "embedding": "mean_cosine"}.get(task, "sqnr_db")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    """``20 log10(||ref|| / ||ref - out||)`` in dB, capped at 999 dB for an exact match."""
+    a = np.asarray(ref, np.float64).ravel()
+    d = a - np.asarray(out, np.float64).ravel()
+    na, nd = float(np.linalg.norm(a)), float(np.linalg.norm(d))
+    if nd == 0.0:
+        return SQNR_CAP_DB
+    if na == 0.0:
+        return -SQNR_CAP_DB
+    return min(SQNR_CAP_DB, 20.0 * math.log10(na / nd))
+
+
+def cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    a = np.asarray(ref, np.float64).ravel()
+    b = np.asarray(out, np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+
+
+def output_metrics(ref: np.ndarray, out: np.ndarray, atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, float]:
+    """Cosine, SQNR, max abs error and the fraction within ``atol + rtol |ref|`` of one output."""
+    a = np.asarray(ref, np.float64)
+    b = np.asarray(out, np.float64)
+    check(a.shape == b.shape, f"output shapes differ: reference {a.shape} vs engine {b.shape}")
+    diff = np.abs(a - b)
+    return {
+        "cosine": cosine(a, b),
+        "sqnr_db": sqnr_db(a, b),
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "within_tol": float(np.mean(diff <= atol + rtol * np.abs(a))) if diff.size else 1.0,
+    }
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, x.shape[1])
+    # a stable sort on the negated scores breaks ties by the lower class index, run to run
+    return np.argsort(-x, axis=1, kind="stable")[:, :k]
+
+
+def classification_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
+    """Top-1/top-5 on labelled samples (label >= 0) and agreement with FP32 on all samples."""
+    r = np.asarray(ref).reshape(len(ref), -1)
+    o = np.asarray(out).reshape(len(out), -1)
+    result: dict[str, float | None] = {"top1": None, "top5": None}
+    if labels is not None and np.any(labels >= 0):
+        mask = labels >= 0
+        check(
+            int(labels[mask].max()) < o.shape[1],
+            f"a label ({int(labels[mask].max())}) is out of range for a model with {o.shape[1]} classes: "
+            "check compare.labels and the evaluation file names",
+        )
+        top5 = _topk(o[mask], 5)
+        result["top1"] = float(np.mean(top5[:, 0] == labels[mask]))
+        result["top5"] = float(np.mean(np.any(top5 == labels[mask][:, None], axis=1)))
+    ref5, out5 = _topk(r, 5), _topk(o, 5)
+    result["top1_agreement"] = float(np.mean(ref5[:, 0] == out5[:, 0]))
+    shared = [len(np.intersect1d(a, b)) for a, b in zip(ref5, out5)]
+    result["top5_overlap"] = float(np.mean(shared) / ref5.shape[1])
+    lp, lq = _log_softmax(r), _log_softmax(o)
+    result["kl"] = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+    return result
+
+
+def dense_metrics(ref: np.ndarray, out: np.ndarray, threshold: float) -> dict[str, float]:
+    """IoU of the thresholded maps (mean over samples) and the mean absolute error."""
+    r = np.asarray(ref).reshape(len(ref), -1) > threshold
+    o = np.asarray(out).reshape(len(out), -1) > threshold
+    inter = np.sum(r & o, axis=1)
+    union = np.sum(r | o, axis=1)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    mae = float(np.mean(np.abs(np.asarray(ref, np.float64) - np.asarray(out, np.float64))))
+    return {"iou": float(np.mean(iou)), "mae": mae}
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def _neighbours(unit: np.ndarray, k: int) -> np.ndarray:
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    return _topk(sim, k)
+
+
+def embedding_metrics(ref: np.ndarray, out: np.ndarray, k: int) -> dict[str, float | None]:
+    """Per-sample cosine to FP32's embedding and retrieval top-k agreement."""
+    r, o = _unit_rows(ref), _unit_rows(out)
+    cos = np.clip(np.sum(r * o, axis=1), -1.0, 1.0)
+    result: dict[str, float | None] = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+    if len(r) > k:
+        nr, no = _neighbours(r, k), _neighbours(o, k)
+        shared = [len(np.intersect1d(a, b)) for a, b in zip(nr, no)]
+        result["retrieval_agreement"] = float(np.mean(shared) / k)
+    else:
+        result["retrieval_agreement"] = None
+    return result
+
+
+def task_metrics(
+    task: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, *, dense_threshold: float = 0.3,
+    retrieval_k: int = 5,
+) -> dict[str, float | None]:
+    if task == "classification":
+        return classification_metrics(ref, out, labels)
+    if task == "dense":
+        return dense_metrics(ref, out, dense_threshold)
+    if task == "embedding":
+        return embedding_metrics(ref, out, retrieval_k)
+    return {}
+
+
+UserMetric = Callable[..., Any]
+
+
+def load_user_metric(spec: str) -> UserMetric:
+    """The callable ``module:function`` named by ``compare.metric``.
+
+    It is called as ``f(reference, outputs, labels)`` with dicts of output name to array (all
+    samples) and the label array or ``None``, and returns a number or a dict of name to number.
+    """
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise QuantlabError(f"cannot import the metric module '{module}' ({exc}): check compare.metric") from None
+    except AttributeError:
+        raise QuantlabError(f"module '{module}' has no function '{name}': check compare.metric") from None
+    check(callable(fn), f"compare.metric '{spec}' is not callable: name a function")
+    return fn
+
+
+def user_metrics(fn: UserMetric, spec: str, ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
+                 labels: np.ndarray | None) -> dict[str, float]:
+    value = fn(ref, out, labels)
+    if isinstance(value, dict):
+        items = value.items()
+    else:
+        items = [(spec.rsplit(":", 1)[1], value)]
+    result: dict[str, float] = {}
+    for key, v in items:
+        try:
+            result[str(key)] = float(v)
+        except (TypeError, ValueError):
+            raise QuantlabError(f"user metric '{spec}' returned {v!r} for '{key}': return numbers") from None
+    return result

@@ -1,0 +1,140 @@
+"""`quantlab compare` end to end on the tiny model: engines, metrics, tolerance, files, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantlab.cli import main
+from quantlab.compare import run_compare
+from quantlab.config import load_config
+from quantlab.ptq import run_ptq
+
+
+def _eval_folder(root: Path, model: Path) -> Path:
+    """Twelve single-sample .npy files named <i>_<label>, labelled with FP32's own prediction."""
+    from quantlab.collect import ort_session
+
+    folder = root / "eval"
+    folder.mkdir()
+    g = np.random.default_rng(7)
+    # a per-sample colour offset spreads the tiny model's predictions over several classes
+    x = (g.standard_normal((12, 3, 8, 8)) + 2 * g.standard_normal((12, 3, 1, 1))).astype(np.float32)
+    labels = ort_session(str(model)).run(None, {"input": x})[0].argmax(1)
+    for i, (sample, label) in enumerate(zip(x, labels)):
+        np.save(folder / f"s{i:02d}_{label}.npy", sample)
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path: Path, tiny_config: Path, tiny_model: Path) -> tuple[Path, Path]:
+    """A PTQ run of the tiny model and a config whose [compare] section evaluates it."""
+    result = run_ptq(load_config(tiny_config))
+    folder = _eval_folder(tmp_path, tiny_model)
+    text = tiny_config.read_text() + f"""
+[compare]
+eval = "{folder}"
+labels = "filename"
+task = "classification"
+latency_runs = 2
+latency_batches = [1, 4]
+sensitivity_samples = 8
+
+[tolerance]
+top1_agreement = 0.5
+"""
+    tiny_config.write_text(text)
+    return result.run_dir, tiny_config
+
+
+def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:
+    run_dir, config_path = run
+    result = run_compare(load_config(config_path), run_dir)
+    names = [e.name for e in result.engines]
+    assert names[:2] == ["fp32", "fp16"] and len(names) == 2 + 8
+    fp32 = result["fp32"]
+    # the labels are FP32's own predictions, and FP32 agrees with itself exactly
+    assert fp32.metrics["top1"] == 1.0 and fp32.metrics["top1_agreement"] == 1.0
+    assert fp32.metrics["sqnr_db"] == 999.0 and fp32.metrics["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert result.labelled == 12 and result.primary == "top1"
+    labels = {int(f.stem.rsplit("_", 1)[1]) for f in Path(load_config(config_path).compare.eval).iterdir()}
+    assert len(labels) > 1, "the evaluation set spans several classes"
+    for e in result.int8:
+        assert 0.0 <= e.metrics["top1"] <= 1.0 and e.metrics["sqnr_db"] < 999.0
+        assert e.metrics["top1"] == e.metrics["top1_agreement"]  # labels == FP32 argmax
+        assert set(e.latency) == {"1", "4"} and e.latency["1"]["p90_ms"] >= e.latency["1"]["median_ms"] > 0
+        assert e.tolerance_ok is not None
+    assert result.best is not None and result.best.precision == "int8"
+    text = str(result)
+    assert "int8:entropy.ort-cpu" in text and "best INT8 engine" in text
+
+
+def test_results_are_written_listed_and_deterministic(run: tuple[Path, Path]) -> None:
+    run_dir, config_path = run
+    run_compare(load_config(config_path), run_dir)
+    first = (run_dir / "compare.json").read_bytes()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    kinds = {a["path"]: a["kind"] for a in manifest["artefacts"]}
+    assert kinds["compare.json"] == "compare" and kinds["latency.json"] == "timing"
+    run_compare(load_config(config_path), run_dir)
+    assert (run_dir / "compare.json").read_bytes() == first
+    data = json.loads(first)
+    assert data["best"] and data["engines"][0]["name"] == "fp32"
+    assert data["layers"]["rows"], "per-layer analysis of the best engine"
+    for row in data["layers"]["rows"]:
+        assert row["own_sqnr_db"] is not None and row["accumulated_sqnr_db"] is not None
+
+
+def test_tolerance_decides_truthiness_and_exit_code(run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    run_dir, config_path = run
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--no-layers"]) == 0
+    text = config_path.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
+    config_path.write_text(text)
+    capsys.readouterr()
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--no-layers"]) == 1
+    out = capsys.readouterr().out
+    assert "below the floor 1.01" in out and "FAIL" in out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("top1_agreement = 0.5", "iou = 0.1"), "tolerance on iou, which compare"),
+        (lambda t: t.replace('task = "classification"', 'task = "classification"\nprimary = "bleu"'),
+         "compare.primary 'bleu' is not computed"),
+        (lambda t: t.replace('task = "classification"', 'task = "classification"\nmetric = "nowhere_mod:f"'),
+         "cannot import the metric module"),
+    ],
+)
+def test_bad_compare_configs_are_user_errors(run, edit, message, capsys) -> None:
+    run_dir, config_path = run
+    config_path.write_text(edit(config_path.read_text()))
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--no-layers"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_run_without_manifest_and_mismatched_eval_data(run, tmp_path, capsys) -> None:
+    run_dir, config_path = run
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    assert main(["compare", "--config", str(config_path), "--run", str(empty)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.save(wrong / "a_1.npy", np.zeros((3, 4, 4), np.float32))
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--eval", str(wrong)]) == 2
+    assert "reshape the data to match the model" in capsys.readouterr().err
+    bad_label = tmp_path / "bad_label"
+    bad_label.mkdir()
+    np.save(bad_label / "a_9.npy", np.zeros((3, 8, 8), np.float32))  # the model has 4 classes
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--eval", str(bad_label)]) == 2
+    assert "out of range for a model with 4 classes" in capsys.readouterr().err
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    np.save(unlabelled / "sample.npy", np.zeros((3, 8, 8), np.float32))
+    assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--eval", str(unlabelled)]) == 2
+    assert "cannot read a class label from 'sample.npy'" in capsys.readouterr().err
