@@ -93,6 +93,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if result else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from quantlab.tune import run_tune
+
+    result = run_tune(_config(args), progress=_progress)
+    print(result)
+    return 0 if result else 1
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from quantlab.gate import run_gate
 
@@ -100,6 +108,25 @@ def cmd_gate(args: argparse.Namespace) -> int:
                       progress=_progress)
     print(result)
     return 0 if result else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantlab.report import load_run, write_report
+
+    run_dir = args.run
+    if run_dir is None:
+        # the run folder ./quantlab.toml's ptq run writes, else the bundled default's
+        run_dir = "reports/efficientnet-lite0"
+        if Path("quantlab.toml").is_file():
+            config = load_config("quantlab.toml")
+            run_dir = str(config.resolve(config.ptq.out) / (config.ptq.run_name or config.model.display_name))
+    index = write_report(run_dir, worst=args.worst)
+    run = load_run(index.parent)
+    if run.winner is not None:
+        print(f"winner: {run.winner.calibrator} on {run.winner.target} ({run.winner.detail})")
+    for name in ("index.html", "summary.md", "report.json"):
+        print(f"wrote {index.parent / name}")
+    return 0
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -136,12 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, help="timed runs per engine and batch size (0: no latency)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer SQNR and sensitivity analysis")
     p.set_defaults(func=cmd_compare, model=None)
+    p = sub.add_parser("tune", help="PTQ, compare, then escalate (partial quantization, QAT) until the tolerance holds")
+    p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
+    p.set_defaults(func=cmd_tune, model=None)
     p = sub.add_parser("gate", help="CI accuracy gate: tolerance and baseline; exit 0 pass, 1 fail, 2 user error")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
     p.add_argument("--baseline", help="baseline JSON (default: [gate] baseline)")
     p.add_argument("--update-baseline", action="store_true", help="record this run's results as the new baseline")
     p.add_argument("--run", help="gate an existing run folder instead of quantizing again")
     p.set_defaults(func=cmd_gate, model=None)
+    p = sub.add_parser("report", help="write index.html, summary.md and report.json into a run folder")
+    p.add_argument("--run", help="run folder (default: the one ./quantlab.toml's ptq writes, else reports/efficientnet-lite0)")
+    p.add_argument("--worst", type=int, default=12, help="tensors drawn as full-size histograms, worst first (default 12)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("lint", help="check a Q/DQ ONNX model against TensorRT's explicit-quantization rules")
     p.add_argument("model", help="Q/DQ ONNX model")
     p.set_defaults(func=cmd_lint)

@@ -224,16 +224,18 @@ class TuneConfig:
     """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
 
     ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
-    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat = false`` stops the
-    ladder before quantization-aware training.
+    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` runs
+    quantization-aware training when the config names a PyTorch model, ``"on"`` requires it (an
+    error without one), ``"off"`` stops the ladder before it.
     """
 
     target: str = "ort-cpu"
     max_float_layers: int = 8
-    qat: bool = True
+    qat: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.target, TARGETS, "tune.target")
+        _one_of(self.qat, ("auto", "on", "off"), "tune.qat")
         check(self.max_float_layers >= 0, f"tune.max_float_layers must be >= 0, got {self.max_float_layers}")
 
 

@@ -10,6 +10,7 @@ both TensorRT (Conv+ReLU fusion) and ONNX Runtime (activation removal in Q/DQ gr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -272,7 +273,8 @@ def _preprocess(model: onnx.ModelProto, out: Path) -> None:
         errors = []
         for skip_symbolic in (False, True):
             try:
-                with warnings.catch_warnings():
+                # ONNX Runtime's shape inference writes scratch files into the working directory
+                with warnings.catch_warnings(), contextlib.chdir(tmp):
                     warnings.simplefilter("ignore")
                     quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
                 break

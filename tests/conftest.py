@@ -84,3 +84,79 @@ def tiny_config(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> Path:
     path = tmp_path / "quantlab.toml"
     path.write_text(tiny_config_text(tiny_model, tiny_calib, tmp_path / "reports"))
     return path
+
+
+def _labelled_eval_folder(folder: Path, model: Path, n: int = 12, seed: int = 7) -> Path:
+    """``n`` single-sample .npy files named ``s<i>_<label>``, labelled with FP32's own prediction.
+
+    A per-sample colour offset spreads the tiny model's predictions over several classes.
+    """
+    from quantlab.collect import ort_session
+
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    x = (g.standard_normal((n, 3, 8, 8)) + 2 * g.standard_normal((n, 3, 1, 1))).astype(np.float32)
+    labels = ort_session(str(model)).run(None, {"input": x})[0].argmax(1)
+    for i, (sample, label) in enumerate(zip(x, labels)):
+        np.save(folder / f"s{i:02d}_{label}.npy", sample)
+    return folder
+
+
+COMPARE_SECTION = """
+[compare]
+eval = "{eval}"
+labels = "filename"
+task = "classification"
+latency_runs = 2
+latency_batches = [1, 4]
+sensitivity_samples = 8
+
+[gate]
+baseline = "{root}/baseline.json"
+regression = 0.0
+
+[tolerance]
+top1_agreement = 0.5
+"""
+
+
+@pytest.fixture(scope="session")
+def _tiny_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One PTQ run of the tiny model with a labelled evaluation folder, made once per session."""
+    import os
+
+    from quantlab.config import load_config
+    from quantlab.ptq import run_ptq
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    old = os.environ.get("QUANTLAB_CACHE")
+    os.environ["QUANTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "quantlab-cache")
+    try:
+        model = save_model(conv_net(), root / "tiny.onnx")
+        calib = root / "calib"
+        calib.mkdir()
+        g = np.random.default_rng(1)
+        for i in range(6):
+            np.savez(calib / f"batch{i:02d}.npz", input=g.standard_normal((4, 3, 8, 8)).astype(np.float32))
+        folder = _labelled_eval_folder(root / "eval", model)
+        config = root / "quantlab.toml"
+        config.write_text(tiny_config_text(model, calib, root / "reports") + COMPARE_SECTION.format(eval=folder, root=root))
+        run_ptq(load_config(config))
+    finally:
+        if old is None:
+            os.environ.pop("QUANTLAB_CACHE", None)
+        else:
+            os.environ["QUANTLAB_CACHE"] = old
+    return root
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, _tiny_run_template: Path) -> tuple[Path, Path]:
+    """``(run folder, config)``: a private copy of the session's tiny PTQ run and its config."""
+    import shutil
+
+    root = tmp_path / "tiny-run"
+    shutil.copytree(_tiny_run_template, root)
+    config = root / "quantlab.toml"
+    config.write_text(config.read_text().replace(str(_tiny_run_template), str(root)))
+    return root / "reports" / "tiny", config

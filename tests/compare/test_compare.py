@@ -11,43 +11,11 @@ import pytest
 from quantlab.cli import main
 from quantlab.compare import run_compare
 from quantlab.config import load_config
-from quantlab.ptq import run_ptq
-
-
-def _eval_folder(root: Path, model: Path) -> Path:
-    """Twelve single-sample .npy files named <i>_<label>, labelled with FP32's own prediction."""
-    from quantlab.collect import ort_session
-
-    folder = root / "eval"
-    folder.mkdir()
-    g = np.random.default_rng(7)
-    # a per-sample colour offset spreads the tiny model's predictions over several classes
-    x = (g.standard_normal((12, 3, 8, 8)) + 2 * g.standard_normal((12, 3, 1, 1))).astype(np.float32)
-    labels = ort_session(str(model)).run(None, {"input": x})[0].argmax(1)
-    for i, (sample, label) in enumerate(zip(x, labels)):
-        np.save(folder / f"s{i:02d}_{label}.npy", sample)
-    return folder
 
 
 @pytest.fixture
-def run(tmp_path: Path, tiny_config: Path, tiny_model: Path) -> tuple[Path, Path]:
-    """A PTQ run of the tiny model and a config whose [compare] section evaluates it."""
-    result = run_ptq(load_config(tiny_config))
-    folder = _eval_folder(tmp_path, tiny_model)
-    text = tiny_config.read_text() + f"""
-[compare]
-eval = "{folder}"
-labels = "filename"
-task = "classification"
-latency_runs = 2
-latency_batches = [1, 4]
-sensitivity_samples = 8
-
-[tolerance]
-top1_agreement = 0.5
-"""
-    tiny_config.write_text(text)
-    return result.run_dir, tiny_config
+def run(tiny_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_run
 
 
 def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:

@@ -1,0 +1,246 @@
+"""``quantlab tune``: climb the escalation ladder until the tolerance holds.
+
+The ladder follows Wu et al. 2020 (arXiv 2004.09602) and NNCF's accuracy control:
+
+1. **calibrator sweep**: PTQ with every configured calibrator from one statistics pass; the best
+   INT8 engine of ``[tune] target`` by the primary metric, judged by ``[tolerance]``.
+2. **partial quantization**: the layers of that engine ranked by sensitivity (the task output's
+   SQNR with only that layer quantized, :func:`quantlab.compare.harness.analyse_layers`); greedily
+   the most sensitive layer goes back to FP32, the model is re-validated on the full evaluation set,
+   a step that does not improve the primary metric is undone, until the tolerance holds or
+   ``max_float_layers`` layers are in float.  The Q/DQ rewrite reuses the calibrated scales, so
+   each step costs one evaluation, not a new quantization.
+3. **quantization-aware training** through nvidia-modelopt (:mod:`quantlab.qat`), initialised from
+   the best calibrator's ranges, evaluated by the same harness after each epoch, stopping early
+   once the tolerance holds.
+
+Each rung is recorded in ``tune.json`` (and the run's report) with its metric and result; the run
+stops at the first rung that meets the tolerance, or says which rung failed and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantlab.artefacts import Artefact, dumps_json, write_text
+from quantlab.compare.harness import (
+    CompareResult, EngineResult, EngineSpec, Evaluator, analyse_layers, rank_engines, read_manifest, write_results,
+)
+from quantlab.compare.metrics import higher_is_better
+from quantlab.config import Config
+from quantlab.errors import check
+
+
+@dataclass
+class Rung:
+    """One step of the ladder and what it achieved."""
+
+    rung: str
+    status: str  # "pass", "fail" or "skipped"
+    metric: str
+    value: float | None = None
+    reference: float | None = None
+    engine: str | None = None
+    detail: str = ""
+    float_layers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("seconds")
+        return d
+
+
+@dataclass
+class TuneResult:
+    """The ladder's outcome: truthy when some rung met the tolerance."""
+
+    run_dir: Path
+    model: str
+    primary: str
+    rungs: list[Rung]
+    final_engine: str | None
+    compare: CompareResult | None = None
+
+    def __bool__(self) -> bool:
+        return any(r.status == "pass" for r in self.rungs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "ok": bool(self), "primary": self.primary,
+                "rungs": [r.to_dict() for r in self.rungs], "final_engine": self.final_engine}
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: escalation ladder on {self.primary}"]
+        for r in self.rungs:
+            value = "-" if r.value is None else f"{r.value:.4f}"
+            ref = "" if r.reference is None else f" (FP32 {r.reference:.4f})"
+            lines.append(f"  {r.rung:<17} {r.status.upper():<7} {value}{ref}  {r.engine or ''}")
+            if r.detail:
+                lines.append(f"      {r.detail}")
+        verdict = f"tolerance met by {self.final_engine}" if self else "tolerance NOT met by any rung"
+        lines.append(verdict)
+        lines.append(f"run folder: {self.run_dir}")
+        return "\n".join(lines)
+
+
+def _better(metric: str, a: float | None, b: float | None) -> bool:
+    """``a`` strictly better than ``b`` on ``metric``."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return a > b if higher_is_better(metric) else a < b
+
+
+def _summary(e: EngineResult) -> str:
+    if e.tolerance_ok:
+        return "meets the tolerance"
+    return "; ".join(f.explain() for f in e.failures)
+
+
+def partial_quantization(
+    ev: Evaluator, best: EngineResult, max_float: int, *, out: Path
+) -> tuple[Rung, EngineResult | None]:
+    """Greedy float fallback of the most sensitive layers of ``best`` (see the module docstring)."""
+    import onnx
+
+    from quantlab.compare.layers import keep_float
+
+    t0 = time.perf_counter()
+    primary = ev.primary
+    fp32_model = onnx.load(str(ev.fp32_path))
+    int8_model = onnx.load(str(ev.run_dir / best.path))
+    layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output)
+    ranked = [r["node"] for r in layers["rows"] if r.get("sensitivity") is not None]
+    kept: list[str] = []
+    current = best
+    tried = 0
+    scratch = out.parent / f".{out.stem}.candidate.onnx"
+    for node in ranked:
+        if len(kept) >= max_float or current.tolerance_ok:
+            break
+        tried += 1
+        onnx.save(keep_float(int8_model, fp32_model, [*kept, node]), str(scratch))
+        candidate = ev.evaluate(EngineSpec("candidate", "int8", str(scratch)), latency=False)
+        if _better(primary, candidate.metrics.get(primary), current.metrics.get(primary)) or (
+            candidate.metrics.get(primary) == current.metrics.get(primary)
+            and (candidate.metrics.get("sqnr_db") or 0) > (current.metrics.get("sqnr_db") or 0)
+        ):
+            kept.append(node)
+            current = candidate
+        # else: undo (the node stays quantized)
+    scratch.unlink(missing_ok=True)
+    if not kept:
+        rung = Rung("partial", "fail", primary, best.metrics.get(primary), ev.fp32.metrics.get(primary), best.name,
+                    f"keeping none of the {tried} most sensitive layers in FP32 improved {primary}",
+                    seconds=time.perf_counter() - t0)
+        return rung, None
+    onnx.save(keep_float(int8_model, fp32_model, kept), str(out))
+    rel = out.relative_to(ev.run_dir).as_posix()
+    target = best.target
+    final = ev.evaluate(EngineSpec(f"int8:partial.{target}", "int8", rel, "partial", target))
+    cost = ""
+    b1, f1 = best.latency.get("1", {}).get("median_ms"), final.latency.get("1", {}).get("median_ms")
+    if b1 and f1:
+        cost = f"; latency {b1:.2f} -> {f1:.2f} ms at batch 1, size {best.size_mb:.1f} -> {final.size_mb:.1f} MB"
+    status = "pass" if final.tolerance_ok else "fail"
+    detail = (f"{len(kept)} of {tried} tried layers kept in FP32 ({', '.join(kept)}): {_summary(final)}{cost}")
+    rung = Rung("partial", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name,
+                detail, kept, time.perf_counter() - t0)
+    return rung, final
+
+
+def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
+    """PTQ, compare, then escalate only as far as needed; writes tune.json and the report."""
+    from quantlab.ptq import run_ptq
+
+    check(config.tolerance, "quantlab tune needs a tolerance to aim for: add a [tolerance] section (e.g. top1 = 0.01)")
+    check(
+        config.tune.target in config.ptq.targets,
+        f"tune.target '{config.tune.target}' is not among ptq.targets ({', '.join(config.ptq.targets)}): add it",
+    )
+    qat_mode = config.tune.qat
+    check(
+        not (qat_mode == "on" and not config.model.pytorch),
+        "QAT needs the PyTorch model: set [model] pytorch = 'module:factory' (or tune.qat = \"auto\")",
+    )
+    ptq = run_ptq(config, progress=progress)
+    run = ptq.run_dir
+    ev = Evaluator(config, run)
+    engines = [ev.evaluate(spec) for spec in ev.specs]
+    compare = ev.result(engines)
+    primary = ev.primary
+    reference = ev.fp32.metrics.get(primary)
+    rungs: list[Rung] = []
+
+    candidates = [e for e in compare.int8 if e.target == config.tune.target]
+    ranked = rank_engines(candidates, primary)
+    passing = [e for e in ranked if e.tolerance_ok]
+    best = passing[0] if passing else ranked[0]
+    detail = ", ".join(f"{e.calibrator} {e.metrics.get(primary)}" for e in ranked)
+    rungs.append(Rung("calibrator-sweep", "pass" if passing else "fail", primary, best.metrics.get(primary), reference,
+                      best.name, f"{detail}; best {best.calibrator}: {_summary(best)}"))
+    final: EngineResult | None = best if passing else None
+
+    if final is None:
+        if config.tune.max_float_layers > 0:
+            rung, partial = partial_quantization(ev, best, config.tune.max_float_layers,
+                                                 out=run / "int8" / f"partial.{best.target}.onnx")
+            rungs.append(rung)
+            if partial is not None:
+                engines.append(partial)
+                if partial.tolerance_ok:
+                    final = partial
+        else:
+            rungs.append(Rung("partial", "skipped", primary, detail="tune.max_float_layers = 0"))
+
+    if final is None:
+        if qat_mode == "off":
+            rungs.append(Rung("qat", "skipped", primary, detail="tune.qat = \"off\""))
+        elif not config.model.pytorch:
+            rungs.append(Rung("qat", "skipped", primary,
+                              detail="QAT needs the PyTorch model: set [model] pytorch = 'module:factory'"))
+        else:
+            rung, qat_engine = _qat_rung(config, ev, best, run, progress)
+            rungs.append(rung)
+            if qat_engine is not None:
+                engines.append(qat_engine)
+                if qat_engine.tolerance_ok:
+                    final = qat_engine
+    else:
+        for name in ("partial", "qat"):
+            rungs.append(Rung(name, "skipped", primary, detail="not needed: the tolerance already holds"))
+
+    compare = ev.result(engines)
+    result = TuneResult(run, config.model.display_name, primary, rungs, final.name if final else None, compare)
+    _write(run, result, compare)
+    return result
+
+
+def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, progress: Any) -> tuple[Rung, EngineResult | None]:
+    from quantlab.qat import qat_rung
+
+    return qat_rung(config, ev, best, run, progress)
+
+
+def _write(run: Path, result: TuneResult, compare: CompareResult) -> None:
+    """tune.json, the extra engines in the manifest, compare.json/latency.json refreshed."""
+    tmp = run / ".tune.json.tmp"
+    write_text(tmp, dumps_json(result.to_dict()))
+    tmp.replace(run / "tune.json")
+    manifest = read_manifest(run)
+    listed = {a["path"] for a in manifest.get("artefacts", [])}
+    for e in compare.int8:
+        if e.path not in listed and (run / e.path).is_file():
+            manifest["artefacts"].append(Artefact(e.path, "model-int8-qdq", e.calibrator, e.target).to_dict(run))
+    manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != "tune.json"]
+    manifest["artefacts"].append(Artefact("tune.json", "tune").to_dict(run))
+    tmp = run / ".manifest.json.tmp"
+    write_text(tmp, dumps_json(manifest))
+    tmp.replace(run / "manifest.json")
+    write_results(compare)
+
+
