@@ -221,9 +221,38 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
 
 
 def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, progress: Any) -> tuple[Rung, EngineResult | None]:
-    from quantlab.qat import qat_rung
+    """Fine-tune with fake quantizers initialised from ``best``'s calibrator, judged by the same harness."""
+    from quantlab.calibrators import get_calibrator
+    from quantlab.compare.tolerance import evaluate as judge
+    from quantlab.qat import activation_amax, run_qat
+    from quantlab.stats import StatsSet
 
-    return qat_rung(config, ev, best, run, progress)
+    t0 = time.perf_counter()
+    primary = ev.primary
+    stats = StatsSet.load(run / "stats.npz")
+    amax = activation_amax(stats, get_calibrator(best.calibrator, percentile=config.ptq.percentile))
+    rel = "int8/qat.tensorrt.onnx"
+    history: list[EngineResult] = []
+
+    def evaluate(path: Path) -> float:
+        e = ev.evaluate(EngineSpec("qat-epoch", "int8", str(path)), latency=False)
+        history.append(e)
+        v = e.metrics.get(primary)
+        return float("nan") if v is None else float(v)
+
+    def good_enough(_: float) -> bool:
+        return bool(history) and not judge(ev.tolerance, history[-1].metrics, ev.fp32.metrics)
+
+    qat = run_qat(config, amax=amax, out=run / rel, evaluate=evaluate, good_enough=good_enough, progress=progress)
+    final = ev.evaluate(EngineSpec("int8:qat.tensorrt", "int8", rel, "qat", "tensorrt"))
+    status = "pass" if final.tolerance_ok else "fail"
+    per_epoch = ", ".join("-" if m is None else f"{m:.4f}" for m in qat.metrics)
+    detail = (f"{qat.epochs} epoch(s), {qat.steps} steps on {qat.device}, loss {qat.loss}, ranges from "
+              f"{best.calibrator} ({qat.mapped} of {qat.quantizers} quantizers mapped); {primary} per epoch: "
+              f"{per_epoch}; TensorRT rules: {qat.tensorrt_rules}; {_summary(final)}")
+    rung = Rung("qat", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name, detail,
+                seconds=time.perf_counter() - t0)
+    return rung, final
 
 
 def _write(run: Path, result: TuneResult, compare: CompareResult) -> None:
