@@ -5,6 +5,7 @@
     <out>/<run name>/
       manifest.json            every artefact with its kind, size and sha256
       summary.json             per engine: Q/DQ counts, rule check, agreement with FP32
+      config.json              the effective configuration (every field but ``root``)
       timing.json              measured times (the only file that differs run to run)
       stats.npz                the statistics; calibrate again from it without inference
       model_fp32.onnx          the prepared FP32 graph everything else derives from
@@ -122,7 +123,7 @@ def gather_stats(
     from quantlab.data import make_reader
 
     check(config.data.calib is not None, "no calibration data given: pass --calib FOLDER or set [data] calib in quantlab.toml")
-    reader = make_reader(config.data, config.resolve(config.data.calib), prepared.inputs)
+    reader = make_reader(config.data, config.resolve(config.data.calib), prepared.inputs, resolve=config.resolve)
     bar = progress(len(reader)) if progress else None
     try:
         return collect_stats(prepared, reader, on_batch=(lambda n: bar.update(1)) if bar else None)
@@ -137,7 +138,7 @@ def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarra
     if config.data.calib is None:
         gen = np.random.default_rng(0)
         return {s.name: gen.standard_normal([d or 1 for d in s.shape]).astype(s.dtype) for s in prepared.inputs}
-    return next(iter(make_reader(config.data, config.resolve(config.data.calib), prepared.inputs)))
+    return next(iter(make_reader(config.data, config.resolve(config.data.calib), prepared.inputs, resolve=config.resolve)))
 
 
 def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float | None]:
@@ -193,7 +194,7 @@ def run_ptq(
     from quantlab.calibrators import get_calibrator
     from quantlab.collect import ort_session
     from quantlab.qdq.lint import lint_tensorrt
-    from quantlab.qdq.targets import TARGETS, compute_ranges, read_quant_params, write_qdq_model
+    from quantlab.qdq.targets import TARGETS, QdqRewrite, compute_ranges, plan_rewrite, read_quant_params, write_qdq_model
     from quantlab.trtcache import format_calibration_cache
 
     seconds: dict[str, float] = {}
@@ -218,10 +219,15 @@ def run_ptq(
     fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs)
 
     calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
+    # one quantize_static call per target; the other calibrators rewrite that model's scales
+    fp32_model = onnx.load(str(prepared.path)) if len(calibrators) > 1 else None
+    rewrites: dict[str, QdqRewrite | None] = {}
     artefacts: list[Artefact] = []
     engines: list[EngineSummary] = []
     scale_rows: list[dict[str, Any]] = []
     with atomic_dir(run_dir) as tmp:
+        write_text(tmp / "config.json", dumps_json(config_dict(config)))
+        artefacts.append(Artefact("config.json", "config"))
         t0 = time.perf_counter()
         stats.save(tmp / "stats.npz")
         artefacts.append(Artefact("stats.npz", "statistics"))
@@ -240,11 +246,21 @@ def run_ptq(
                 seconds[f"ranges:{cname}:{tname}"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 rel = f"int8/{cname}.{tname}.onnx"
-                write_qdq_model(prepared.path, ranges, target, tmp / rel)
+                rewrite = rewrites.get(tname)
+                qmodel = rewrite.apply(ranges) if rewrite is not None else None
+                if qmodel is None:
+                    write_qdq_model(prepared.path, ranges, target, tmp / rel)
+                    data = (tmp / rel).read_bytes()
+                    qmodel = onnx.load_model_from_string(data)
+                    if fp32_model is not None and tname not in rewrites:
+                        rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
+                else:
+                    data = qmodel.SerializeToString()
+                    (tmp / rel).write_bytes(data)
                 seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
                 artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
-                qmodel = onnx.load(str(tmp / rel))
-                onnx.checker.check_model(qmodel)
+                t0 = time.perf_counter()
+                onnx.checker.check_model(data)
                 session = ort_session(str(tmp / rel), level="all")
                 cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
                 rules = "n/a"
@@ -258,6 +274,7 @@ def run_ptq(
                     _latency_ms(session, feed, config.ptq.latency_runs) if tname == "ort-cpu" else None,
                 ))
                 deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
+                seconds[f"checks:{cname}:{tname}"] = time.perf_counter() - t0
                 for tensor, r in sorted(ranges.items()):
                     p = deployed.get(("activation", tensor))
                     scale_rows.append({
@@ -317,6 +334,21 @@ def run_ptq(
         }
         write_text(tmp / "manifest.json", dumps_json(manifest))
     return result
+
+
+def config_dict(config: Config) -> dict[str, Any]:
+    """The effective configuration as JSON-ready data: every field but ``root``, paths as strings, tuples as lists."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain({k: v for k, v in asdict(config).items() if k != "root"})
 
 
 def _num(v: float | None) -> str:

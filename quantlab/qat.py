@@ -308,7 +308,7 @@ def training_data(config: Config, prepared_inputs: Any) -> Iterable[Feed]:
     folder = config.qat.data or config.data.calib
     check(folder is not None, "QAT needs training data: set [qat] data or [data] calib, or pass train batches")
     data = dataclasses.replace(config.data, batch_size=config.qat.batch_size)
-    return make_reader(data, config.resolve(folder), prepared_inputs)
+    return make_reader(data, config.resolve(folder), prepared_inputs, resolve=config.resolve)
 
 
 # ---------------------------------------------------------------------------------------------

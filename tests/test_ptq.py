@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from quantlab.calibrators import get_calibrator
 from quantlab.config import load_config, override
 from quantlab.errors import QuantlabError
-from quantlab.ptq import run_ptq
+from quantlab.ptq import config_dict, run_ptq
 from quantlab.stats import StatsSet
 from quantlab.trtcache import read_calibration_cache
 
@@ -28,7 +29,7 @@ def test_run_writes_every_artefact_and_lists_it(tiny_config):
     assert set(listed) | {"manifest.json"} == set(_files(run))
     kinds = sorted(a["kind"] for a in manifest["artefacts"])
     assert kinds.count("model-int8-qdq") == 8 and kinds.count("tensorrt-calibration-cache") == 4
-    assert {"statistics", "model-fp32", "model-fp16", "scale-table", "summary", "timing"} <= set(kinds)
+    assert {"config", "statistics", "model-fp32", "model-fp16", "scale-table", "summary", "timing"} <= set(kinds)
     assert manifest["calibration"]["samples"] == 24
     assert all(e["tensorrt_rules"] == "pass" for e in json.loads((run / "summary.json").read_text())["engines"] if e["target"] == "tensorrt")
 
@@ -51,10 +52,58 @@ def test_cache_matches_the_scale_table(tiny_config):
 def test_same_inputs_same_bytes(tiny_config, tmp_path):
     config = load_config(tiny_config)
     first = _files(run_ptq(config).run_dir)
-    second = _files(run_ptq(override(config, "ptq", run_name="again")).run_dir)
-    first.pop("timing.json"), second.pop("timing.json")
-    assert first.keys() == second.keys()
+    second = _files(run_ptq(config).run_dir)
+    renamed = _files(run_ptq(override(config, "ptq", run_name="again")).run_dir)
+    for files in (first, second, renamed):
+        files.pop("timing.json")
+    assert first.keys() == second.keys() == renamed.keys()
     assert [k for k in first if first[k] != second[k]] == []
+    # another run name changes the recorded configuration and nothing else
+    assert [k for k in first if first[k] != renamed[k]] == ["config.json", "manifest.json"]
+
+
+def test_config_json_is_the_effective_configuration(tiny_config):
+    config = override(load_config(tiny_config), "ptq", calibrators=("entropy", "minmax"), percentile=99.9)
+    run = run_ptq(config).run_dir
+    saved = json.loads((run / "config.json").read_text())
+    assert saved == config_dict(config) and "root" not in saved
+    assert set(saved) == {f.name for f in dataclasses.fields(config)} - {"root"}
+    assert saved["ptq"]["calibrators"] == ["entropy", "minmax"] and saved["ptq"]["percentile"] == 99.9
+    assert saved["model"]["onnx"] == config.model.onnx and saved["data"]["preprocess"]["mean"] == [0.0, 0.0, 0.0]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [a["kind"] for a in manifest["artefacts"] if a["path"] == "config.json"] == ["config"]
+
+
+def test_one_quantize_static_call_per_target(tiny_config, monkeypatch):
+    import quantlab.qdq.targets as targets
+
+    calls = []
+    direct = targets.write_qdq_model
+
+    def counted(model_path, ranges, target, out):
+        calls.append(target.name)
+        direct(model_path, ranges, target, out)
+
+    monkeypatch.setattr(targets, "write_qdq_model", counted)
+    run = run_ptq(load_config(tiny_config)).run_dir
+    assert sorted(calls) == ["ort-cpu", "tensorrt"]
+    # every model is the one quantize_static writes for its own ranges
+    stats = StatsSet.load(run / "stats.npz")
+    for calibrator in ("minmax", "percentile", "entropy", "mse"):
+        for name, target in targets.TARGETS.items():
+            ranges = targets.compute_ranges(stats, get_calibrator(calibrator), target)
+            direct(run / "model_fp32.onnx", ranges, target, run / "direct.onnx")
+            assert (run / "direct.onnx").read_bytes() == (run / "int8" / f"{calibrator}.{name}.onnx").read_bytes()
+
+
+def test_models_that_cannot_be_rewritten_are_quantized_directly(tiny_config, monkeypatch):
+    import quantlab.qdq.targets as targets
+
+    config = load_config(tiny_config)
+    rewritten = _files(run_ptq(config).run_dir)
+    monkeypatch.setattr(targets.QdqRewrite, "apply", lambda self, ranges: None)
+    direct = _files(run_ptq(config).run_dir)
+    assert [k for k in rewritten if k.startswith("int8/") and rewritten[k] != direct[k]] == []
 
 
 def test_stats_reuse_needs_no_data_and_gives_the_same_models(tiny_config, tmp_path):

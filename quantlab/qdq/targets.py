@@ -262,39 +262,29 @@ def _scale_zp_initializers(name: str, zero: np.ndarray, scale: np.ndarray, qtype
     ]
 
 
-def _weight_params(weight: onnx.TensorProto, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(zero_point, scale)`` of an S8 symmetric weight before any bias adjustment (``_calc_initializer_quant_params``)."""
-    from onnxruntime.quantization.quant_utils import compute_data_quant_params, tensor_proto_to_array
-
-    data = tensor_proto_to_array(weight)
-    if axis is None:
-        return compute_data_quant_params(data.flatten(), onnx.TensorProto.INT8, True)
-    pairs = [
-        compute_data_quant_params(data.take(i, axis).ravel(), onnx.TensorProto.INT8, True) for i in range(data.shape[axis])
-    ]
-    return np.asarray([z for z, _ in pairs]), np.asarray([s for _, s in pairs])
+def _bias_floor(bias: np.ndarray, per_tensor: bool) -> np.ndarray:
+    """The smallest ``input_scale * weight_scale`` ONNX Runtime accepts for a bias (per channel or for all)."""
+    int32 = np.iinfo(np.int32)
+    qrange = np.array(int32.max, dtype=np.float64) - np.array(int32.min + 1, dtype=np.float64)
+    if per_tensor:
+        rmin = np.minimum(bias.min(), np.array(0, dtype=np.float64))
+        rmax = np.maximum(bias.max(), np.array(0, dtype=np.float64))
+        return 1.0001 * (2.0 * np.maximum(np.abs(rmin), np.abs(rmax))) / qrange
+    return 1.0001 * (2.0 * np.abs(bias)) / qrange
 
 
 def _adjusted_weight_scale(input_scale: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """The weight scale once ONNX Runtime has kept ``bias`` within INT32.
 
     ``quantize_static`` enlarges the scale of a weight wherever ``input_scale * weight_scale`` is below
-    ``1.0001 * 2 |bias| / (2**32 - 2)`` (``QDQQuantizer._adjust_weight_scale_for_int32_bias``, which has
-    no public counterpart): the same expressions, in the same dtypes, element by element.
+    ``1.0001 * 2 |bias| / (2**32 - 2)``, by that ratio (``QDQQuantizer._adjust_weight_scale_for_int32_bias``,
+    which has no public counterpart): the same expressions in the same dtypes, element by element.
     """
     if not weight_scale.size:
         return weight_scale
-    int32 = np.iinfo(np.int32)
-    qrange = np.array(int32.max, dtype=np.float64) - np.array(int32.min + 1, dtype=np.float64)
-    x = np.array(input_scale.item(), dtype=np.float64)
-    if weight_scale.ndim == 0:
-        rmin = np.minimum(bias.min(), np.array(0, dtype=np.float64))
-        rmax = np.maximum(bias.max(), np.array(0, dtype=np.float64))
-        smallest = 1.0001 * (2.0 * np.maximum(np.abs(rmin), np.abs(rmax))) / qrange
-    else:
-        smallest = 1.0001 * (2.0 * np.abs(bias)) / qrange
+    smallest = _bias_floor(bias, weight_scale.ndim == 0)
     w = weight_scale.astype(np.float64)
-    candidate = x * w
+    candidate = np.array(input_scale.item(), dtype=np.float64) * w
     low = (candidate < smallest) & (candidate > 0.0)
     if not low.any():
         return weight_scale
@@ -303,16 +293,62 @@ def _adjusted_weight_scale(input_scale: np.ndarray, weight_scale: np.ndarray, bi
     return out
 
 
+def _unadjusted_weight_scale(
+    weight: onnx.TensorProto, axis: int | None, scale: np.ndarray, input_scale: np.ndarray, bias: np.ndarray
+) -> np.ndarray:
+    """A weight's scale before the bias adjustment, from the ``scale`` a model holds after it.
+
+    An element well above the floor of :func:`_bias_floor` was not adjusted and is kept; any other is
+    recomputed from the FP32 weight with ONNX Runtime's ``compute_data_quant_params`` (S8 symmetric).
+    """
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, tensor_proto_to_array
+
+    candidate = np.float64(input_scale.item()) * scale.astype(np.float64)
+    near = ~(candidate > 2.0 * _bias_floor(bias, scale.ndim == 0))
+    if not near.any():
+        return scale
+    data = tensor_proto_to_array(weight)
+    if axis is None:
+        return compute_data_quant_params(data.flatten(), onnx.TensorProto.INT8, True)[1]
+    out = scale.copy()
+    for i in np.flatnonzero(near):
+        out[i] = compute_data_quant_params(data.take(i, axis).ravel(), onnx.TensorProto.INT8, True)[1]
+    return out
+
+
+def _requantized_weight(
+    weight: onnx.TensorProto, axis: int | None, zero: np.ndarray, scale: np.ndarray, old_scale: np.ndarray,
+    old: onnx.TensorProto,
+) -> onnx.TensorProto:
+    """``<weight>_quantized`` for a new ``scale``, requantizing only the channels whose scale changed.
+
+    Per channel this is what ONNX Runtime's ``quantize_onnx_initializer`` does (``quantize_nparray``
+    on each channel), so the result is the same array.
+    """
+    from onnx import numpy_helper
+    from onnxruntime.quantization.quant_utils import quantize_nparray, quantize_onnx_initializer, tensor_proto_to_array
+
+    if axis is None:
+        return quantize_onnx_initializer(weight, onnx.TensorProto.INT8, zero, scale, None)
+    data = tensor_proto_to_array(weight)
+    q = numpy_helper.to_array(old).copy()
+    for i in np.flatnonzero(scale != old_scale):
+        index = tuple(i if d == axis else slice(None) for d in range(q.ndim))
+        channel = quantize_nparray(onnx.TensorProto.INT8, data.take(i, axis).ravel(), scale[i], zero[i])
+        q[index] = channel.reshape(q[index].shape)
+    return numpy_helper.from_array(q, old.name)
+
+
 @dataclass(frozen=True)
 class _Linked:
     """A weight whose node also has a bias: its scale, and the INT32 bias, follow the input's scale."""
 
-    node: str
     input: str  # the activation the node reads
     weight: onnx.TensorProto  # FP32
     axis: int | None
     zero_point: np.ndarray
     scale: np.ndarray  # before the bias adjustment
+    bias_name: str
     bias: np.ndarray  # FP32
     beta: float
     bias_input_scale: str | None  # scale initializer the INT32 bias follows; None: bias left in float
@@ -340,7 +376,6 @@ class QdqRewrite:
         its quantized values, which only depend on that scale).
         """
         from onnx import numpy_helper
-        from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
 
         if set(ranges) != self._keys:
             return None
@@ -356,16 +391,20 @@ class QdqRewrite:
             input_scale = np.asarray(activation_params(read[k.input], self._target)[1], dtype=np.float32)
             scale = _adjusted_weight_scale(input_scale, k.scale, k.bias)
             scale_init, _ = _scale_zp_initializers(k.weight.name, k.zero_point, scale, onnx.TensorProto.INT8)
-            if scale_init.SerializeToString() != base[self._index[scale_init.name]].SerializeToString():
+            old_scale = numpy_helper.to_array(base[self._index[scale_init.name]])
+            if scale.dtype != old_scale.dtype or scale.shape != old_scale.shape or (scale != old_scale).any():
                 out[scale_init.name] = scale_init
-                q = quantize_onnx_initializer(k.weight, onnx.TensorProto.INT8, k.zero_point, scale, k.axis)
-                out[q.name] = q
+                old = base[self._index[f"{k.weight.name}_quantized"]]
+                out[old.name] = _requantized_weight(k.weight, k.axis, k.zero_point, scale, old_scale, old)
             if k.bias_input_scale is not None:
                 # BaseQuantizer.quantize_bias_static_impl: scale input * weight * beta, zero-point 0
                 bias_scale = numpy_helper.to_array(out[k.bias_input_scale]) * numpy_helper.to_array(scale_init) * k.beta
                 q = np.asarray(k.bias, dtype=np.float64) / np.asarray(bias_scale, dtype=np.float64)
                 q = np.clip(q.round(), np.float64(np.iinfo(np.int32).min), np.float64(np.iinfo(np.int32).max))
-                name = f"{k.node_bias}_quantized" if False else None  # placeholder, replaced below
+                name = f"{k.bias_name}_quantized"
+                out[name] = numpy_helper.from_array(q.astype(np.int32).reshape(k.bias.shape), name)
+                scale_data = np.asarray(bias_scale, dtype=k.bias.dtype).reshape(-1)
+                out[f"{name}_scale"] = numpy_helper.from_array(scale_data, f"{name}_scale")
         return out
 
     def apply(self, ranges: dict[str, TensorRange]) -> onnx.ModelProto | None:
@@ -379,3 +418,119 @@ class QdqRewrite:
         for name, init in values.items():
             inits[self._index[name]].CopyFrom(init)
         return model
+
+
+def plan_rewrite(
+    fp32: onnx.ModelProto, base: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target
+) -> QdqRewrite | None:
+    """Map the range-dependent initializers of ``base``, the model ``write_qdq_model`` wrote for ``ranges``.
+
+    Activations: every Q/DQ node of a tensor reads ``<t>_scale`` and ``<t>_zero_point`` (``t`` the
+    tensor whose range sets them; a tensor sharing its input's parameters reads the input's), used
+    by Q/DQ nodes only.  Weights of a Conv, ConvTranspose or Gemm with an FP32 bias: the weight's
+    scale (enlarged where the bias would overflow INT32) and, where the bias is quantized
+    (``ort-cpu``), ``<b>_quantized`` and its scale.  ``None`` when anything else is met, or when
+    recomputing ``ranges`` does not give back every one of those initializers of ``base`` exactly.
+    """
+    from onnx import numpy_helper
+    from onnxruntime.quantization.operators.gemm import get_beta
+
+    graph = base.graph
+    inits = {init.name: init for init in graph.initializer}
+    nodes = {node.name: node for node in graph.node}
+    fp32_inits = {init.name: init for init in fp32.graph.initializer}
+    fp32_nodes = {node.name: node for node in fp32.graph.node}
+    if (
+        len(inits) != len(graph.initializer) or len(nodes) != len(graph.node) or "" in nodes
+        or len(fp32_nodes) != len(fp32.graph.node) or "" in fp32_nodes
+        or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+    ):
+        return None
+    producer = {out: node for node in graph.node for out in node.output}
+    fp32_readers = Counter(name for node in fp32.graph.node for name in node.input if name)
+
+    weights: dict[str, onnx.NodeProto] = {}  # DequantizeLinear of a quantized weight, by its input
+    biases: dict[str, onnx.NodeProto] = {}  # DequantizeLinear of an INT32 bias, by its output
+    tensors: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in _QDQ_OPS:
+            continue
+        if node.domain not in ("", "ai.onnx") or len(node.input) != 3 or not all(i in inits for i in node.input[1:]):
+            return None
+        x, s, z = node.input
+        if x in inits:
+            if node.op_type != "DequantizeLinear":
+                return None
+            if inits[x].data_type == onnx.TensorProto.INT32:
+                biases[node.output[0]] = node
+            else:
+                weights[x] = node
+            continue
+        t = s.removesuffix("_scale")
+        if t == s or z != f"{t}_zero_point":
+            return None
+        tensors.add(t)
+    params = {f"{t}_scale" for t in tensors} | {f"{t}_zero_point" for t in tensors}
+    io = {v.name for v in graph.input} | {v.name for v in graph.output}
+    if params & io or any(set(n.input[1:]) & params for n in [*weights.values(), *biases.values()]):
+        return None
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in params and not (node.op_type in _QDQ_OPS and i in (1, 2) and node.input[0] not in inits):
+                return None
+
+    read = ort_tensor_ranges(fp32, ranges, target)
+    if read is None:
+        return None
+    linked: list[_Linked] = []
+    used_biases: set[str] = set()
+    ops = _quantized_op_types(target)
+    for original in fp32.graph.node:
+        if original.op_type in _NORM_OPS and original.op_type in ops:
+            return None  # ONNX Runtime quantizes their bias too
+        if original.op_type not in _BIAS_OPS or original.op_type not in ops or len(original.input) < 3:
+            continue
+        x, w, b = original.input[:3]
+        source = fp32_inits.get(b)
+        if source is None:
+            continue  # no constant bias: nothing follows the input's scale
+        node = nodes.get(original.name)
+        if node is None or node.op_type != original.op_type or len(node.input) != 3:
+            return None
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if (
+            source.data_type != onnx.TensorProto.FLOAT or fp32_readers[b] != 1 or fp32_readers[w] != 1
+            or dq_x is None or dq_x.op_type != "DequantizeLinear" or dq_x.input[1] not in params
+            or dq_w is None or weights.get(dq_w.input[0]) is not dq_w
+        ):
+            return None
+        if list(dq_w.input) != [f"{w}_quantized", f"{w}_scale", f"{w}_zero_point"]:
+            return None
+        bias = numpy_helper.to_array(source)
+        zero = numpy_helper.to_array(inits[dq_w.input[2]])
+        axis = next((a.i for a in dq_w.attribute if a.name == "axis"), None) if zero.ndim else None
+        weight = fp32_inits.get(w)
+        if weight is None or zero.any() or (zero.ndim and (axis is None or bias.ndim != 1 or bias.size != zero.size)):
+            return None
+        bias_input_scale = None
+        if node.input[2] in biases:
+            dq_b = biases[node.input[2]]
+            used_biases.add(node.input[2])
+            if node.input[2] != b or list(dq_b.input) != [f"{b}_quantized", f"{b}_quantized_scale", f"{b}_quantized_zero_point"]:
+                return None
+            bias_input_scale = dq_x.input[1]
+        elif node.input[2] != b or target.quantize_bias:
+            return None
+        if x not in read:
+            return None
+        input_scale = np.asarray(activation_params(read[x], target)[1], dtype=np.float32)
+        scale = _unadjusted_weight_scale(weight, axis, numpy_helper.to_array(inits[f"{w}_scale"]), input_scale, bias)
+        beta = get_beta(original) if original.op_type == "Gemm" else 1.0
+        linked.append(_Linked(x, weight, axis, zero, scale, b, bias, beta, bias_input_scale))
+    if used_biases != set(biases):
+        return None
+    rewrite = QdqRewrite(fp32, base, target, set(ranges), sorted(tensors), linked)
+    values = rewrite.initializers(ranges)
+    if values is None or any(values[n].SerializeToString() != inits[n].SerializeToString() for n in values):
+        return None
+    return rewrite
