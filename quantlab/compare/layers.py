@@ -231,6 +231,11 @@ class _Pair:
         self.f_inits = {i.name: i for i in fp32.graph.initializer}
         self.q_prod, self.f_prod = _producers(int8.graph), _producers(fp32.graph)
         self.inputs = _graph_inputs(fp32)
+        self.f_types = {  # element types the FP32 graph declares (shape inference fills value_info)
+            v.name: v.type.tensor_type.elem_type
+            for v in (*fp32.graph.value_info, *fp32.graph.input, *fp32.graph.output)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
+        }
         q_inputs = _graph_inputs(int8)
         check(
             sorted(q_inputs) == sorted(self.inputs),
@@ -436,6 +441,12 @@ def _sumsq(y: np.ndarray, yq: np.ndarray) -> tuple[float, float]:
     return float(np.vdot(a.ravel(), a.ravel())), float(np.vdot(d.ravel(), d.ravel()))
 
 
+def _is_float_output(pair: _Pair, name: str) -> bool:
+    types = pair.f_types
+    return types.get(name, onnx.TensorProto.FLOAT) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                          onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
 def layer_errors(fp32_model: ModelLike, int8_model: ModelLike, feeds: Feeds) -> list[LayerError]:
     """Own and accumulated SQNR of every quantized layer of ``int8_model``, in graph order.
 
@@ -444,7 +455,8 @@ def layer_errors(fp32_model: ModelLike, int8_model: ModelLike, feeds: Feeds) -> 
     """
     pair = _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
     batches = _feed_list(feeds, pair.inputs)
-    layers = pair.layers
+    # a layer with no float output (e.g. a comparison feeding a mask) has no SQNR to measure
+    layers = [layer for layer in pair.layers if any(_is_float_output(pair, o) for o in layer.fp32.output if o)]
     need_f: list[str] = []
     for layer in layers:
         need_f += [x for x in layer.fp32.input if x and x not in pair.f_inits]

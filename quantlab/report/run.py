@@ -8,9 +8,11 @@ Per tensor and calibrator the threshold is the calibrator's ``amax`` (exactly as
 got it, through :func:`quantlab.qdq.targets.compute_ranges`).  Two numbers say what that threshold
 costs, both read off the ``|x|`` histograms of ``stats.npz`` without running the model:
 
-* the **clipped mass**: the fraction of elements outside the quantization range ``[lo, hi]``;
+* the **clipped mass**: the fraction of elements beyond the quantization range ``[lo, hi]`` (the bins
+  whose lower edge is at or past the bound: exact, as every calibrator's threshold is a bin edge or
+  ``max|x|``);
 * the **SQNR**: each bin stands for its centre ``c_k = (k + 1/2) w`` with its count (``+c_k`` for the
-  positive histogram, ``-c_k`` for the negative one); the centre is fake-quantized with the target's
+  positive histogram, ``-c_k`` for the negative one, never beyond the observed min and max); the centre is fake-quantized with the target's
   scheme (S8 symmetric ``s = amax / 127``, or U8 ``s = (hi - lo) / 255`` with zero-point
   ``round(-lo / s)``), saturating at the ends, and
 
@@ -108,18 +110,25 @@ def calibrator_label(calibrator: "str | Calibrator") -> str:
 def fake_quant_quality(st: TensorStats, lo: float, hi: float, symmetric: bool) -> tuple[float, float | None]:
     """``(clipped fraction, SQNR in dB)`` of quantizing ``st``'s histogram to ``[lo, hi]``.
 
-    >>> st = TensorStats.from_array("t", np.array([0.25, 0.5, 1.0, 3.0]), nbins=8)
+    >>> st = TensorStats.from_array("t", np.array([0.25, 0.5, 0.75, 3.0]), nbins=8)
     >>> clipped, sqnr = fake_quant_quality(st, -1.0, 1.0, symmetric=True)
-    >>> clipped, round(sqnr, 1)   # 3.0 (centre 3.25) saturates at 1.0
-    (0.25, 3.7)
+    >>> clipped, round(sqnr, 1)   # 3.0 saturates at 1.0
+    (0.25, 4.1)
+    >>> fake_quant_quality(st, -3.0, 3.0, symmetric=True)[0]   # the max itself is not clipped
+    0.0
     """
     if st.count == 0 or st.range == 0.0:
         return 0.0, None
-    centres = (np.arange(st.nbins, dtype=np.float64) + 0.5) * st.bin_width
-    values = np.concatenate([centres, -centres])
+    lower = np.arange(st.nbins, dtype=np.float64) * st.bin_width
+    centres = lower + 0.5 * st.bin_width
+    # a bin's elements stand at its centre, but never beyond the observed extremes
+    values = np.concatenate([np.minimum(centres, max(st.max, 0.0)), np.maximum(-centres, min(st.min, 0.0))])
+    # elements certainly outside [lo, hi]: every bin whose lower edge is at or beyond the bound
+    # (exact for every calibrator here: their thresholds are bin edges or max|x|)
+    beyond = np.concatenate([(lower >= hi) & (hi < st.max), (lower >= -lo) & (lo > st.min)]) & np.tile(lower > 0, 2)
     counts = np.concatenate([st.hist_pos, st.hist_neg]).astype(np.float64)
     keep = counts > 0
-    values, counts = values[keep], counts[keep]
+    values, counts, beyond = values[keep], counts[keep], beyond[keep]
     if symmetric:
         scale = hi / 127.0 if hi > 0 else 1.0
         q = np.clip(np.round(values / scale), -128, 127) * scale
@@ -128,7 +137,7 @@ def fake_quant_quality(st: TensorStats, lo: float, hi: float, symmetric: bool) -
         zero_point = float(np.clip(np.round(-lo / scale), 0, 255))
         q = (np.clip(np.round(values / scale) + zero_point, 0, 255) - zero_point) * scale
     total = counts.sum()
-    clipped = float(counts[(values > hi) | (values < lo)].sum() / total)
+    clipped = float(counts[beyond].sum() / total)
     signal = float(counts @ (values * values))
     noise = float(counts @ ((values - q) ** 2))
     if signal == 0.0:
