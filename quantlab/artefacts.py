@@ -18,6 +18,10 @@ from typing import Any
 from quantlab.errors import check
 
 
+UNHASHED = ("timing", "report")  # files that show measured times or dates: listed without a digest
+REPORT_FILES = ("index.html", "summary.md", "report.json")
+
+
 @dataclass(frozen=True)
 class Artefact:
     """One file of a run: its path relative to the run folder and what it is."""
@@ -33,7 +37,7 @@ class Artefact:
             d["calibrator"] = self.calibrator
         if self.target:
             d["target"] = self.target
-        if self.kind != "timing":  # measured times differ run to run by nature
+        if self.kind not in UNHASHED:  # measured times differ run to run by nature
             data = (root / self.path).read_bytes()
             d["bytes"] = len(data)
             d["sha256"] = hashlib.sha256(data).hexdigest()
@@ -81,3 +85,25 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def update_manifest(run: Path, artefacts: list[Artefact]) -> None:
+    """List ``artefacts`` in ``run/manifest.json`` (replacing entries with the same path), atomically."""
+    import json
+
+    path = run / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    new = {a.path for a in artefacts}
+    kept = [a for a in manifest.get("artefacts", []) if a.get("path") not in new]
+    manifest["artefacts"] = kept + [a.to_dict(run) for a in artefacts]
+    tmp = run / f".manifest.json.tmp-{os.getpid()}"
+    write_text(tmp, dumps_json(manifest))
+    os.replace(tmp, path)
+
+
+def write_report_files(run: Path) -> None:
+    """The HTML/Markdown/JSON report of a run folder, listed in its manifest."""
+    from quantlab.report import write_report
+
+    write_report(run)
+    update_manifest(run, [Artefact(name, "report") for name in REPORT_FILES])

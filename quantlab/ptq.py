@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from quantlab import __version__
-from quantlab.artefacts import Artefact, atomic_dir, csv_text, dumps_json, write_text
+from quantlab.artefacts import Artefact, atomic_dir, csv_text, dumps_json, write_report_files, write_text
 from quantlab.config import Config
 from quantlab.errors import QuantlabError, check
 from quantlab.model import PreparedModel, export_pytorch, prepare_model
@@ -333,6 +333,7 @@ def run_ptq(
             "artefacts": [a.to_dict(tmp) for a in artefacts],
         }
         write_text(tmp / "manifest.json", dumps_json(manifest))
+    write_report_files(run_dir)  # index.html, summary.md, report.json: views of the files above
     return result
 
 

@@ -114,6 +114,7 @@ def partial_quantization(
     fp32_model = onnx.load(str(ev.fp32_path))
     int8_model = onnx.load(str(ev.run_dir / best.path))
     layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output)
+    ev.layers = layers  # the report shows them beside the ladder
     ranked = [r["node"] for r in layers["rows"] if r.get("sensitivity") is not None]
     kept: list[str] = []
     current = best
@@ -215,6 +216,7 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
             rungs.append(Rung(name, "skipped", primary, detail="not needed: the tolerance already holds"))
 
     compare = ev.result(engines)
+    compare.layers = getattr(ev, "layers", None)
     result = TuneResult(run, config.model.display_name, primary, rungs, final.name if final else None, compare)
     _write(run, result, compare)
     return result
@@ -256,20 +258,14 @@ def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, prog
 
 
 def _write(run: Path, result: TuneResult, compare: CompareResult) -> None:
-    """tune.json, the extra engines in the manifest, compare.json/latency.json refreshed."""
+    """tune.json and the ladder's new models in the manifest; compare.json, latency.json and the report refreshed."""
+    from quantlab.artefacts import update_manifest
+
     tmp = run / ".tune.json.tmp"
     write_text(tmp, dumps_json(result.to_dict()))
     tmp.replace(run / "tune.json")
-    manifest = read_manifest(run)
-    listed = {a["path"] for a in manifest.get("artefacts", [])}
-    for e in compare.int8:
-        if e.path not in listed and (run / e.path).is_file():
-            manifest["artefacts"].append(Artefact(e.path, "model-int8-qdq", e.calibrator, e.target).to_dict(run))
-    manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != "tune.json"]
-    manifest["artefacts"].append(Artefact("tune.json", "tune").to_dict(run))
-    tmp = run / ".manifest.json.tmp"
-    write_text(tmp, dumps_json(manifest))
-    tmp.replace(run / "manifest.json")
+    listed = {a["path"] for a in read_manifest(run).get("artefacts", [])}
+    new = [Artefact(e.path, "model-int8-qdq", e.calibrator, e.target) for e in compare.int8
+           if e.path not in listed and (run / e.path).is_file()]
+    update_manifest(run, [*new, Artefact("tune.json", "tune")])
     write_results(compare)
-
-

@@ -582,19 +582,13 @@ def analyse_layers(
 
 
 def write_results(result: CompareResult) -> None:
-    """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest."""
-    from quantlab.artefacts import Artefact
+    """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest and report."""
+    from quantlab.artefacts import Artefact, update_manifest, write_report_files
 
     run = result.run_dir
     for name, payload in (("compare.json", result.to_dict()), ("latency.json", result.latency_dict())):
         tmp = run / f".{name}.tmp"
         write_text(tmp, dumps_json(payload))
         tmp.replace(run / name)
-    manifest = read_manifest(run)
-    kept = [a for a in manifest.get("artefacts", []) if a.get("path") not in ("compare.json", "latency.json")]
-    kept.append(Artefact("compare.json", "compare").to_dict(run))
-    kept.append(Artefact("latency.json", "timing").to_dict(run))
-    manifest["artefacts"] = kept
-    tmp = run / ".manifest.json.tmp"
-    write_text(tmp, dumps_json(manifest))
-    tmp.replace(run / "manifest.json")
+    update_manifest(run, [Artefact("compare.json", "compare"), Artefact("latency.json", "timing")])
+    write_report_files(run)
