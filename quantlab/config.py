@@ -8,6 +8,7 @@ relative to the directory holding it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +316,7 @@ class Config:
         if text.startswith("pkg:"):
             return package_path(text[4:])
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.root / p)
+        return p if p.is_absolute() else Path(os.path.normpath(self.root / p))
 
 
 def package_path(spec: str) -> Path:

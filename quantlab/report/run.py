@@ -336,7 +336,9 @@ class Run:
         By default under the winning calibrator on the primary target.
         """
         if calibrator is None:
-            calibrator = self.winner.calibrator if self.winner else self.calibrators[0]
+            won = self.winner.calibrator if self.winner else None
+            # an engine of the escalation ladder (partial, qat) wins with no calibrator of its own
+            calibrator = won if won in self.calibrators else self.calibrators[0]
         q = self.quality(calibrator, target or self.primary_target)
         order = sorted(q, key=lambda name: (_sort_sqnr(q[name].sqnr_db), name))
         return order if n is None else order[:n]
