@@ -53,8 +53,12 @@ def ort_quantize(config, run_dir: Path) -> list[str]:
     inputs = input_specs(fp32)
 
     class Reader(CalibrationDataReader):
+        """One sample at a time: ORT's histogram calibrators fail on a short last batch."""
+
         def __init__(self) -> None:
-            self.it = iter(make_reader(config.data, config.resolve(config.data.calib), inputs, resolve=config.resolve))
+            batches = make_reader(config.data, config.resolve(config.data.calib), inputs, resolve=config.resolve)
+            self.it = ({k: v[i : i + 1] for k, v in feed.items()} for feed in batches
+                       for i in range(next(iter(feed.values())).shape[0]))
 
         def get_next(self):
             return next(self.it, None)
