@@ -577,7 +577,7 @@ def analyse_layers(
         d["accumulated_sqnr_db"] = _stable(d.get("accumulated_sqnr_db"), 4)
         rows.append(d)
     rows.sort(key=lambda r: (math.inf if r["sensitivity"] is None else r["sensitivity"], r["node"]))
-    return {"engine": engine, "samples": len(feeds) and sum(next(iter(f.values())).shape[0] for f in feeds),
+    return {"engine": engine, "samples": sum(next(iter(f.values())).shape[0] for f in feeds),
             "score": "output SQNR dB with only this layer quantized", "rows": rows}
 
 

@@ -1,0 +1,60 @@
+"""`quantlab tune` on the tiny model: the ladder's rungs, tune.json, and its user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantlab.cli import main
+
+
+def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    run_dir, config = tiny_run
+    # top-1 agreement of 1.01 cannot be met: every rung runs and fails; QAT needs a PyTorch model
+    config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
+                      + "\n[tune]\nmax_float_layers = 2\n")
+    assert main(["tune", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "calibrator-sweep" in out and "tolerance NOT met" in out
+    tune = json.loads((run_dir / "tune.json").read_text())
+    assert [r["rung"] for r in tune["rungs"]] == ["calibrator-sweep", "partial", "qat"]
+    sweep, partial, qat = tune["rungs"]
+    assert sweep["status"] == "fail" and sweep["value"] is not None and sweep["reference"] == 1.0
+    assert partial["status"] == "fail" and len(partial["float_layers"]) <= 2
+    assert qat["status"] == "skipped" and "PyTorch model" in qat["detail"]
+    assert tune["ok"] is False and tune["final_engine"] is None
+    manifest = {a["path"]: a["kind"] for a in json.loads((run_dir / "manifest.json").read_text())["artefacts"]}
+    assert manifest["tune.json"] == "tune"
+    if partial["float_layers"]:  # a kept step leaves its model in the run, listed and evaluated
+        assert manifest["int8/partial.ort-cpu.onnx"] == "model-int8-qdq"
+        engines = [e["name"] for e in json.loads((run_dir / "compare.json").read_text())["engines"]]
+        assert "int8:partial.ort-cpu" in engines
+
+
+def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], capsys) -> None:
+    run_dir, config = tiny_run
+    config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = 1.0"))
+    assert main(["tune", "--config", str(config)]) == 0
+    tune = json.loads((run_dir / "tune.json").read_text())
+    assert tune["rungs"][0]["status"] == "pass" and tune["final_engine"].startswith("int8:")
+    assert [r["status"] for r in tune["rungs"][1:]] == ["skipped", "skipped"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t + '\n[tune]\nqat = "on"\n', "QAT needs the PyTorch model"),
+        (lambda t: t.replace("top1_agreement = 0.5", ""), "quantlab tune needs a tolerance"),
+        (lambda t: t + '\n[tune]\ntarget = "tpu"\n', "unknown tune.target 'tpu'"),
+    ],
+)
+def test_tune_user_errors_write_nothing(tiny_run, edit, message, capsys) -> None:
+    run_dir, config = tiny_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    config.write_text(edit(config.read_text()))
+    assert main(["tune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == before
