@@ -104,6 +104,8 @@ def bench(name: str, config_path: Path, work: Path) -> tuple[str, bool, bool]:
     theirs = [e for e in result.int8 if (e.calibrator or "").startswith("ort-")]
     from quantlab.compare.harness import rank_engines
 
+    if not theirs:
+        return f"### {name}: every ONNX Runtime calibrator failed\n\n{result.table()}", True, True
     best_ours, best_theirs = rank_engines(ours, primary)[0], rank_engines(theirs, primary)[0]
     sign = 1 if primary not in ("kl", "mae", "max_abs") else -1
     accurate = sign * (best_ours.metrics[primary] - best_theirs.metrics[primary]) >= -1e-9
