@@ -113,7 +113,8 @@ def partial_quantization(
     primary = ev.primary
     fp32_model = onnx.load(str(ev.fp32_path))
     int8_model = onnx.load(str(ev.run_dir / best.path))
-    layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output)
+    layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output,
+                            ev.reference[ev.output])
     ev.layers = layers  # the report shows them beside the ladder
     ranked = [r["node"] for r in layers["rows"] if r.get("sensitivity") is not None]
     kept: list[str] = []

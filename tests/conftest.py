@@ -58,10 +58,14 @@ def tiny_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_calib(tmp_path: Path) -> Path:
     """Six .npz files of 4 seeded samples each for ``tiny_model``."""
-    folder = tmp_path / "calib"
+    return write_tiny_calib(tmp_path / "calib")
+
+
+def write_tiny_calib(folder: Path, files: int = 6) -> Path:
+    """``files`` .npz files of 4 seeded samples each for the tiny model (the same first files for any count)."""
     folder.mkdir()
     g = np.random.default_rng(1)
-    for i in range(6):
+    for i in range(files):
         np.savez(folder / f"batch{i:02d}.npz", input=g.standard_normal((4, 3, 8, 8)).astype(np.float32))
     return folder
 
@@ -133,11 +137,7 @@ def _tiny_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["QUANTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "quantlab-cache")
     try:
         model = save_model(conv_net(), root / "tiny.onnx")
-        calib = root / "calib"
-        calib.mkdir()
-        g = np.random.default_rng(1)
-        for i in range(6):
-            np.savez(calib / f"batch{i:02d}.npz", input=g.standard_normal((4, 3, 8, 8)).astype(np.float32))
+        calib = write_tiny_calib(root / "calib")
         folder = _labelled_eval_folder(root / "eval", model)
         config = root / "quantlab.toml"
         config.write_text(tiny_config_text(model, calib, root / "reports") + COMPARE_SECTION.format(eval=folder, root=root))

@@ -24,18 +24,14 @@ REPORT_FILES = ("index.html", "summary.md", "report.json")
 
 def make_run(base: Path, targets: tuple[str, ...] = ("tensorrt", "ort-cpu")) -> Path:
     """A real PTQ run of the tiny conv net (two calibrators, both targets by default) under ``base``."""
-    from conftest import conv_net, save_model, tiny_config_text
+    from conftest import conv_net, save_model, tiny_config_text, write_tiny_calib
 
     from quantlab.config import load_config, override
     from quantlab.ptq import run_ptq
 
     base.mkdir(parents=True, exist_ok=True)
     model = save_model(conv_net(), base / "tiny.onnx")
-    calib = base / "calib"
-    calib.mkdir()
-    g = np.random.default_rng(1)
-    for i in range(3):
-        np.savez(calib / f"batch{i:02d}.npz", input=g.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    calib = write_tiny_calib(base / "calib", files=3)
     (base / "quantlab.toml").write_text(tiny_config_text(model, calib, base / "reports"))
     config = override(load_config(base / "quantlab.toml"), "ptq", calibrators=("minmax", "entropy"), targets=targets)
     with pytest.MonkeyPatch.context() as mp:

@@ -36,6 +36,7 @@ from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
 from quantlab.errors import QuantlabError, check
+from quantlab.model import input_specs
 
 Feed = dict[str, np.ndarray]
 ProgressFactory = Callable[[int, str], Any]
@@ -427,7 +428,7 @@ class Evaluator:
         t0 = time.perf_counter()
         fp32_path = run_dir / self.specs[0].path
         self.fp32_path = fp32_path
-        self.inputs = _input_specs(fp32_path)
+        self.inputs = input_specs(fp32_path)
         self.data = load_eval_set(config, self.inputs, eval_dir)
         self.seconds["load_data"] = time.perf_counter() - t0
         first = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else None
@@ -524,21 +525,17 @@ def run_compare(
     best = result.best
     if do_layers and best is not None and c.backend == "onnxruntime":
         t0 = time.perf_counter()
-        result.layers = analyse_layers(config, ev.fp32_path, run / best.path, best.name, ev.data, ev.output)
+        result.layers = analyse_layers(config, ev.fp32_path, run / best.path, best.name, ev.data, ev.output,
+                                       ev.reference[ev.output])
         ev.seconds["layers"] = time.perf_counter() - t0
     if write:
         write_results(result)
     return result
 
 
-def _input_specs(path: Path) -> list[Any]:
-    from quantlab.model import input_specs
-
-    return input_specs(path)
-
-
 def analyse_layers(
     config: Config, fp32_path: Path, int8_path: Path, engine: str, data: EvalSet, output: str,
+    reference: np.ndarray,
 ) -> dict[str, Any]:
     """Own and accumulated SQNR of every quantized layer and its sensitivity, worst first.
 
@@ -557,15 +554,11 @@ def analyse_layers(
     errors = L.layer_errors(fp32_model, int8_model, feeds)
     out_names = [o.name for o in fp32_model.graph.output]
     index = out_names.index(output)
-    ref = None
+    ref = reference[: sum(next(iter(f.values())).shape[0] for f in feeds)]
 
     def score(outputs: list[np.ndarray]) -> float:
         return M.sqnr_db(ref, outputs[index])
 
-    from quantlab.compare.runners import OrtRunner
-
-    ref_runner = OrtRunner(fp32_path, "fp32")
-    ref = run_all(ref_runner, feeds)[output]
     sens = {s.node: s.score for s in L.sensitivity(fp32_model, int8_model, feeds, score)}
     rows = []
     for e in errors:
