@@ -268,3 +268,15 @@ def test_report_renders_in_headless_chromium(run_copy):
         assert errors == []
     finally:
         driver.quit()
+
+
+def test_escalation_engine_winning_still_orders_the_tensors(run_copy):
+    """A partial-quantization or QAT engine has no calibrator of its own; the report still builds."""
+    _add_compare_files(run_copy)
+    compare = json.loads((run_copy / "compare.json").read_text())
+    compare["best"] = "int8:qat.tensorrt"
+    (run_copy / "compare.json").write_text(json.dumps(compare))
+    run = load_run(run_copy)
+    assert run.winner.calibrator == "qat"
+    assert run.worst_tensors(2) == run.worst_tensors(2, calibrator=run.calibrators[0])
+    assert write_report(run_copy).is_file()
