@@ -171,7 +171,9 @@ class CompareConfig:
 
     ``output`` names the model output the task metrics read (default: the first).  ``metric`` is a
     user metric ``module:function``.  ``primary`` is the metric that ranks engines (default: the
-    task's main one).
+    task's main one).  ``layers`` turns the per-layer analysis of the best INT8 engine on; its
+    sensitivity ranking runs on the first ``sensitivity_samples`` samples (0: all) and, when
+    ``sensitivity_layers`` is N > 0, only for the N layers with the lowest own SQNR.
     """
 
     eval: str | None = None
@@ -197,6 +199,7 @@ class CompareConfig:
     warmup: int = 3
     layers: bool = True
     sensitivity_samples: int = 32
+    sensitivity_layers: int = 0
 
     def __post_init__(self) -> None:
         _one_of(self.task, TASKS, "compare.task")
@@ -218,6 +221,7 @@ class CompareConfig:
         )
         check(self.latency_runs >= 0 and self.warmup >= 0, "compare.latency_runs and compare.warmup must be >= 0")
         check(self.sensitivity_samples >= 0, "compare.sensitivity_samples must be >= 0")
+        check(self.sensitivity_layers >= 0, "compare.sensitivity_layers must be >= 0 (0 measures every layer)")
 
 
 @dataclass(frozen=True)

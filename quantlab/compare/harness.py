@@ -542,7 +542,9 @@ def analyse_layers(
     Sensitivity is measured on the first ``sensitivity_samples`` evaluation samples: the model is
     run with only that one layer quantized (downstream part only, from cached FP32 activations) and
     scored by the SQNR of the task output against FP32, in dB (higher is better).  SQNR separates
-    layers that an agreement count over a few dozen samples would tie.
+    layers that an agreement count over a few dozen samples would tie.  ``sensitivity_layers = N``
+    measures only the N layers with the lowest own SQNR (the others get no sensitivity), for models
+    too large to measure every layer of.
     """
     import onnx
 
@@ -559,7 +561,11 @@ def analyse_layers(
     def score(outputs: list[np.ndarray]) -> float:
         return M.sqnr_db(ref, outputs[index])
 
-    sens = {s.node: s.score for s in L.sensitivity(fp32_model, int8_model, feeds, score)}
+    cap = config.compare.sensitivity_layers
+    chosen = None
+    if cap and cap < len(errors):  # the layers with the worst own error, ties in graph order
+        chosen = [e.node for e in sorted(errors, key=lambda e: e.own_sqnr_db)[:cap]]
+    sens = {s.node: s.score for s in L.sensitivity(fp32_model, int8_model, feeds, score, chosen)}
     rows = []
     for e in errors:
         d = e.to_dict()

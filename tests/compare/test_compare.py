@@ -56,6 +56,17 @@ def test_results_are_written_listed_and_deterministic(run: tuple[Path, Path]) ->
         assert row["own_sqnr_db"] is not None and row["accumulated_sqnr_db"] is not None
 
 
+def test_sensitivity_layers_measures_the_worst_own_errors_only(run: tuple[Path, Path]) -> None:
+    run_dir, config_path = run
+    config_path.write_text(config_path.read_text().replace("[compare]", "[compare]\nsensitivity_layers = 2", 1))
+    rows = run_compare(load_config(config_path), run_dir, write=False).layers["rows"]
+    measured = [r for r in rows if r["sensitivity"] is not None]
+    assert len(measured) == 2 and len(rows) > 2
+    assert rows[:2] == measured  # the unmeasured layers come last
+    worst_own = sorted(rows, key=lambda r: r["own_sqnr_db"])[:2]
+    assert {r["node"] for r in measured} == {r["node"] for r in worst_own}
+
+
 def test_tolerance_decides_truthiness_and_exit_code(run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     run_dir, config_path = run
     assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--no-layers"]) == 0

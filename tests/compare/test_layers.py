@@ -129,6 +129,42 @@ def test_sensitivity_subgraphs_equal_full_reruns(tiny_pair, target):
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
+def test_memory_bound_changes_grouping_not_numbers(tiny_pair, target, monkeypatch):
+    """A small memory bound splits sensitivity into several FP32 runs and errors into smaller batches."""
+    from quantlab.compare import layers as L
+
+    fp32, models, feeds = tiny_pair
+    score = _score_against(_run(fp32, feeds)[0])
+    runs = []
+    real = L._Exposed
+
+    class Counting(real):
+        def __call__(self, feed):
+            runs.append((len(self.names), next(iter(feed.values())).shape[0]))
+            return super().__call__(feed)
+
+    monkeypatch.setattr(L, "_Exposed", Counting)
+    roomy = sensitivity(fp32, models[target], feeds, score)
+    roomy_runs, runs[:] = list(runs), []
+    tight = sensitivity(fp32, models[target], feeds, score, memory_bytes=1)
+    assert [r.to_dict() for r in tight] == [r.to_dict() for r in roomy]
+    # roomy: one probe on one sample, then one FP32 run per batch; tight: one FP32 run per layer and batch
+    assert len(roomy_runs) == 1 + len(feeds)
+    assert len(runs) == 1 + len(roomy) * len(feeds)
+    runs[:] = []
+    errors = layer_errors(fp32, models[target], feeds)
+    whole_batches = list(runs)
+    runs[:] = []
+    small = layer_errors(fp32, models[target], feeds, memory_bytes=1)
+    assert all(n == 4 for _, n in whole_batches[2:])  # after the two one-sample probes
+    assert runs[2:] and all(n == 1 for _, n in runs[2:])  # one sample at a time
+    for a, b in zip(errors, small):
+        assert (a.node, a.activations, a.weights) == (b.node, b.activations, b.weights)
+        assert a.own_sqnr_db == pytest.approx(b.own_sqnr_db, abs=1e-4)  # kernels round per batch size
+        assert a.accumulated_sqnr_db == pytest.approx(b.accumulated_sqnr_db, abs=1e-4)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
 def test_keep_float_everything_is_fp32(tiny_pair, target):
     fp32, models, feeds = tiny_pair
     names = [r.node for r in layer_errors(fp32, models[target], feeds)]
