@@ -352,6 +352,8 @@ class CompareResult:
                 f"{r['node']} ({_fmt(r.get('sensitivity'))}, own {_fmt(r.get('own_sqnr_db'), 1)} dB)" for r in worst
             )
             out.append(f"most sensitive layers of {self.layers['engine']} ({self.layers['score']}): {desc}")
+            if self.layers.get("skipped"):
+                out.append(f"  (not analysed: {', '.join(self.layers['skipped'])}, not a Q/DQ copy of the FP32 graph)")
         if self.tolerance:
             out.append("tolerance: " + ("every INT8 engine passes" if self else "some INT8 engines FAIL"))
         out.append(f"results: {self.run_dir / 'compare.json'}")
@@ -522,11 +524,20 @@ def run_compare(
             bar.close()
     result = ev.result(results)
     do_layers = c.layers if layers is None else layers
-    best = result.best
-    if do_layers and best is not None and c.backend == "onnxruntime":
+    if do_layers and c.backend == "onnxruntime":
+        from quantlab.compare.layers import mismatch
+
         t0 = time.perf_counter()
-        result.layers = analyse_layers(config, ev.fp32_path, run / best.path, best.name, ev.data, ev.output,
-                                       ev.reference[ev.output])
+        # the best INT8 engine that is a Q/DQ copy of the FP32 graph (a QAT export is not)
+        skipped = []
+        for engine in rank_engines(result.int8, result.primary):
+            if mismatch(ev.fp32_path, run / engine.path) is None:
+                result.layers = analyse_layers(config, ev.fp32_path, run / engine.path, engine.name, ev.data,
+                                               ev.output, ev.reference[ev.output])
+                if skipped:
+                    result.layers["skipped"] = skipped
+                break
+            skipped.append(engine.name)
         ev.seconds["layers"] = time.perf_counter() - t0
     if write:
         write_results(result)

@@ -326,6 +326,19 @@ class _Pair:
         return list(self.q.opset_import)
 
 
+def mismatch(fp32_model: ModelLike, int8_model: ModelLike) -> str | None:
+    """Why ``int8_model`` cannot be analysed against ``fp32_model``, or None when it can.
+
+    Every function here needs the INT8 model to be a Q/DQ copy of the FP32 graph (as ONNX Runtime's
+    quantizer writes it); a model exported separately, e.g. after QAT, is not.
+    """
+    try:
+        _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
+    except QuantlabError as exc:
+        return str(exc)
+    return None
+
+
 def _copy_node(node: onnx.NodeProto, rename: Callable[[str], str], name: str | None = None) -> onnx.NodeProto:
     out = onnx.NodeProto()
     out.CopyFrom(node)

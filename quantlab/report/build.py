@@ -229,7 +229,7 @@ def _layers(run: Run) -> dict[str, Any] | None:
     sign = 1.0 if lower_is_worse else -1.0
     by_sensitivity = sorted(rows, key=lambda r: (r.get("sensitivity") is None, sign * (r.get("sensitivity") or 0.0), r.get("node", "")))
     return {"engine": layers.get("engine"), "score": score or "drop of the primary metric with only this layer quantized",
-            "lower_is_worse": lower_is_worse, "rows": by_sensitivity}
+            "lower_is_worse": lower_is_worse, "rows": by_sensitivity, "skipped": list(layers.get("skipped") or [])}
 
 
 def _winner_notes(report: dict[str, Any], calibrator: str) -> list[str]:

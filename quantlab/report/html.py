@@ -224,6 +224,9 @@ def _layers(report: dict[str, Any]) -> str:
     layers = report.get("layers")
     if layers:
         rows = layers["rows"]
+        if layers.get("skipped"):
+            parts.append(f'<p class="note">Analysed: {escape(str(layers.get("engine")))}, the best engine that is a Q/DQ copy '
+                         f'of the FP32 graph; not analysed: {escape(", ".join(layers["skipped"]))}.</p>')
         sens = [r for r in rows if r.get("sensitivity") is not None][:BARS_SHOWN]
         if sens:
             svg = bar_chart_svg([f'{r["node"]} ({r["op"]})' for r in sens], [r["sensitivity"] for r in sens],

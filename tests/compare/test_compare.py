@@ -67,6 +67,35 @@ def test_sensitivity_layers_measures_the_worst_own_errors_only(run: tuple[Path, 
     assert {r["node"] for r in measured} == {r["node"] for r in worst_own}
 
 
+def test_layers_skip_a_best_engine_that_is_not_a_copy_of_the_fp32_graph(run: tuple[Path, Path]) -> None:
+    """A model exported separately (as after QAT) can be the best engine; the analysis takes the next."""
+    import onnx
+
+    run_dir, config_path = run
+    best = run_compare(load_config(config_path), run_dir, layers=False, write=False).best
+    model = onnx.load(str(run_dir / best.path))
+    renamed = {}
+    for i, node in enumerate(model.graph.node):  # same computation, other node and tensor names
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            node.name = f"exported_{i}"
+            for k, out in enumerate(node.output):
+                if out not in {o.name for o in model.graph.output}:
+                    renamed[out] = node.output[k] = f"exported_{i}_{k}"
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+    del model.graph.value_info[:]
+    onnx.save(model, str(run_dir / "int8" / "a-export.ort-cpu.onnx"))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["artefacts"].append({"path": "int8/a-export.ort-cpu.onnx", "kind": "model-int8-qdq",
+                                  "calibrator": "a-export", "target": "ort-cpu"})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = run_compare(load_config(config_path), run_dir)
+    assert result.best.name == "int8:a-export.ort-cpu"  # ties its source on every metric, first by name
+    assert result.layers["engine"] == best.name and result.layers["skipped"] == ["int8:a-export.ort-cpu"]
+    assert result.layers["rows"] and "not a Q/DQ copy of the FP32 graph" in str(result)
+    assert "not analysed: int8:a-export.ort-cpu" in (run_dir / "index.html").read_text()
+
+
 def test_tolerance_decides_truthiness_and_exit_code(run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     run_dir, config_path = run
     assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--no-layers"]) == 0
