@@ -142,12 +142,12 @@ def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarra
 
 
 def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float | None]:
-    a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    na, nd = np.linalg.norm(a), np.linalg.norm(a - b)
-    cosine = float(a @ b / (na * np.linalg.norm(b))) if na and np.linalg.norm(b) else float(na == np.linalg.norm(b))
-    sqnr = float(20 * math.log10(na / nd)) if nd > 0 and na > 0 else (math.inf if na > 0 else 0.0)
+    from quantlab.compare.metrics import SQNR_CAP_DB, cosine, sqnr_db
+
+    sqnr = sqnr_db(ref, out)
+    sqnr = -SQNR_CAP_DB if math.isnan(sqnr) else sqnr  # NaN outputs: no signal worth the name
     top1 = float(np.mean(ref.argmax(-1) == out.argmax(-1))) if ref.ndim == 2 and ref.shape[-1] > 1 else None
-    return round(cosine, 6), round(min(sqnr, 999.0), 2), top1
+    return round(cosine(ref, out), 6), round(sqnr, 2), top1
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float | None:

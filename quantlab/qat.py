@@ -334,11 +334,11 @@ def _export(model: Any, config: Config, example: list[Any], path: Path) -> None:
 
 
 def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    na, nb, nd = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(a - b)
-    cosine = float(a @ b / (na * nb)) if na and nb else float(na == nb)
-    sqnr = 20 * math.log10(na / nd) if nd > 0 and na > 0 else (999.0 if na > 0 else 0.0)
-    return round(cosine, 6), round(min(sqnr, 999.0), 2)
+    from quantlab.compare.metrics import SQNR_CAP_DB, cosine, sqnr_db
+
+    sqnr = sqnr_db(ref, out)
+    sqnr = -SQNR_CAP_DB if math.isnan(sqnr) else sqnr  # NaN outputs: no signal worth the name
+    return round(cosine(ref, out), 6), round(sqnr, 2)
 
 
 # ---------------------------------------------------------------------------------------------

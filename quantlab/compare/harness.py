@@ -575,7 +575,7 @@ def analyse_layers(
     cap = config.compare.sensitivity_layers
     chosen = None
     if cap and cap < len(errors):  # the layers with the worst own error, ties in graph order
-        chosen = [e.node for e in sorted(errors, key=lambda e: e.own_sqnr_db)[:cap]]
+        chosen = [e.node for e in sorted(errors, key=lambda e: -math.inf if math.isnan(e.own_sqnr_db) else e.own_sqnr_db)[:cap]]
     sens = {s.node: s.score for s in L.sensitivity(fp32_model, int8_model, feeds, score, chosen)}
     rows = []
     for e in errors:

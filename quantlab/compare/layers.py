@@ -24,8 +24,9 @@ same run (bit for bit what the float layer computes on those inputs).  **Accumul
 INT8 model against the FP32 node's output.  Both are ``SQNR = 20 log10(||y|| / ||y - y_q||)`` over all
 samples and all float outputs of the node (ONNX Runtime's ``qdq_loss_debug`` definition), accumulated
 in float64 batch by batch, so memory holds one batch of activations.  A layer with no error gets
-``SQNR_CAP_DB`` (999.0) instead of infinity; a zero reference with a non-zero error gets
-``-SQNR_CAP_DB``; every value is clipped to that range.
+``SQNR_CAP_DB`` (999.0) instead of infinity; a zero reference with a non-zero error, or an infinite
+error (an attention mask of -3.4e38 that became -inf), gets ``-SQNR_CAP_DB``; every value is clipped
+to that range, and NaN activations give NaN.
 
 **Sensitivity**: one layer at a time is quantized (its inputs only, exactly as in the INT8 model:
 activation chains re-rooted on the FP32 tensor the INT8 model quantizes, weights dequantized from the
@@ -59,9 +60,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from quantlab.compare.metrics import SQNR_CAP_DB
+from quantlab.compare.metrics import sqnr_db_of_sums as sqnr_db
 from quantlab.errors import QuantlabError, check
 
-SQNR_CAP_DB = 999.0
 MEMORY_BYTES = 1 << 30  # default bound on the FP32 activations held at once by the analyses below
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -104,15 +106,6 @@ class LayerSensitivity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sqnr_db(signal_sq: float, noise_sq: float) -> float:
-    """``10 log10(signal_sq / noise_sq)`` from sums of squares, clipped to +-``SQNR_CAP_DB``."""
-    if noise_sq <= 0.0:
-        return SQNR_CAP_DB
-    if signal_sq <= 0.0:
-        return -SQNR_CAP_DB
-    return float(min(max(10.0 * math.log10(signal_sq / noise_sq), -SQNR_CAP_DB), SQNR_CAP_DB))
 
 
 # ---------------------------------------------------------------------------------------------------

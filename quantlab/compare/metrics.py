@@ -53,16 +53,31 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
+def sqnr_db_of_sums(signal_sq: float, noise_sq: float) -> float:
+    """``10 log10(signal_sq / noise_sq)`` from sums of squares, clipped to +-``SQNR_CAP_DB``.
+
+    No error gives the cap, a zero signal with an error (or an infinite error) minus the cap; NaN
+    when either sum is NaN or both are infinite.
+    """
+    if math.isnan(signal_sq) or math.isnan(noise_sq):
+        return math.nan
+    if noise_sq <= 0.0:
+        return SQNR_CAP_DB
+    if signal_sq <= 0.0:
+        return -SQNR_CAP_DB
+    ratio = signal_sq / noise_sq
+    if math.isnan(ratio):  # both infinite
+        return math.nan
+    if ratio == 0.0:  # an infinite error, or a ratio below float range
+        return -SQNR_CAP_DB
+    return float(min(max(10.0 * math.log10(ratio), -SQNR_CAP_DB), SQNR_CAP_DB))
+
+
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    """``20 log10(||ref|| / ||ref - out||)`` in dB, capped at 999 dB for an exact match."""
+    """``20 log10(||ref|| / ||ref - out||)`` in dB, clipped to +-999 dB (see :func:`sqnr_db_of_sums`)."""
     a = np.asarray(ref, np.float64).ravel()
     d = a - np.asarray(out, np.float64).ravel()
-    na, nd = float(np.linalg.norm(a)), float(np.linalg.norm(d))
-    if nd == 0.0:
-        return SQNR_CAP_DB
-    if na == 0.0:
-        return -SQNR_CAP_DB
-    return min(SQNR_CAP_DB, 20.0 * math.log10(na / nd))
+    return sqnr_db_of_sums(float(np.vdot(a, a)), float(np.vdot(d, d)))
 
 
 def cosine(ref: np.ndarray, out: np.ndarray) -> float:

@@ -207,6 +207,9 @@ def test_sqnr_edge_cases():
     assert sqnr_db(4.0, 0.0) == SQNR_CAP_DB  # no error
     assert sqnr_db(0.0, 1.0) == -SQNR_CAP_DB  # zero output, some error
     assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert sqnr_db(1e83, math.inf) == -SQNR_CAP_DB  # an infinite error (a -FLT_MAX mask became -inf)
+    assert sqnr_db(1e-300, 1e300) == -SQNR_CAP_DB  # below float range
+    assert math.isnan(sqnr_db(math.nan, 1.0)) and math.isnan(sqnr_db(math.inf, math.inf))
 
 
 def test_layer_without_error_gets_the_cap(tiny_pair):

@@ -17,6 +17,9 @@ def test_sqnr_matches_definition_and_caps() -> None:
     assert M.sqnr_db(ref, out) == pytest.approx(20 * math.log10(5.0))
     assert M.sqnr_db(ref, ref) == M.SQNR_CAP_DB
     assert M.sqnr_db(np.zeros(2), np.ones(2)) == -M.SQNR_CAP_DB
+    big = np.float32(-3.4e38)  # an attention mask's fill value, and the -inf a quantized add made of it
+    assert M.sqnr_db(np.array([big, 1.0], np.float32), np.array([-np.inf, 1.0], np.float32)) == -M.SQNR_CAP_DB
+    assert math.isnan(M.sqnr_db(np.ones(2), np.array([np.nan, 1.0])))
 
 
 def test_output_metrics_within_tolerance_is_elementwise() -> None:
