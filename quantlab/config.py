@@ -128,7 +128,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PtqConfig:
-    """What to produce: calibrators, targets, the percentile, where runs go."""
+    """What to produce: calibrators, targets, the percentile, where runs go.
+
+    ``exclude`` names nodes of the model to leave in float in every INT8 model; nodes that write or
+    read a tensor holding fill values (an attention mask's -3.4e38) are left in float as well.
+    """
 
     calibrators: tuple[str, ...] = CALIBRATOR_NAMES
     targets: tuple[str, ...] = TARGETS
@@ -136,6 +140,7 @@ class PtqConfig:
     out: str = "reports"
     run_name: str = ""
     latency_runs: int = 20
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check(len(self.calibrators) > 0, "ptq.calibrators is empty: name at least one of " + ", ".join(CALIBRATOR_NAMES))

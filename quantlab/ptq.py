@@ -69,6 +69,7 @@ class PtqResult:
     engines: list[EngineSummary]
     fp32_latency_ms: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    kept_float: dict[str, list[str]] = field(default_factory=dict)  # nodes left in float, and why
 
     def __bool__(self) -> bool:
         return all(e.ok for e in self.engines)
@@ -80,6 +81,7 @@ class PtqResult:
             "calibrated_tensors": self.tensors,
             "folded_tensors": self.folded,
             "engines": [{k: v for k, v in asdict(e).items() if k != "latency_ms"} for e in self.engines],
+            "kept_float": self.kept_float,
         }
 
     def __str__(self) -> str:
@@ -101,6 +103,14 @@ class PtqResult:
         out = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
         if self.fp32_latency_ms is not None:
             out.append(f"FP32 latency (batch 1, median): {self.fp32_latency_ms:.2f} ms")
+        if self.kept_float.get("nodes"):
+            why = []
+            if self.kept_float.get("fill_value_tensors"):
+                why.append(f"they write or read {len(self.kept_float['fill_value_tensors'])} tensor(s) holding fill values "
+                           "such as an attention mask's -3.4e38, which no INT8 scale can hold")
+            if self.kept_float.get("excluded_by_config"):
+                why.append(f"{len(self.kept_float['excluded_by_config'])} named in [ptq] exclude")
+            out.append(f"kept in float: {len(self.kept_float['nodes'])} node(s) ({'; '.join(why)})")
         out.append(f"run folder: {self.run_dir}")
         return "\n".join(out)
 
@@ -194,13 +204,21 @@ def run_ptq(
     from quantlab.calibrators import get_calibrator
     from quantlab.collect import ort_session
     from quantlab.qdq.lint import lint_tensorrt
-    from quantlab.qdq.targets import TARGETS, QdqRewrite, compute_ranges, plan_rewrite, read_quant_params, write_qdq_model
+    from quantlab.qdq.targets import (
+        TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes, plan_rewrite, read_quant_params,
+        write_qdq_model,
+    )
     from quantlab.trtcache import format_calibration_cache
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     prepared = prepare_model(resolve_model(config), config.model.input_shapes)
     seconds["prepare"] = time.perf_counter() - t0
+    fp32_model = onnx.load(str(prepared.path))
+    named = {n.name for n in fp32_model.graph.node if n.name}
+    unknown = [n for n in config.ptq.exclude if n not in named]
+    check(not unknown, f"ptq.exclude names {unknown[:3]}, not node(s) of the model: use node names as the model shows them "
+                       "(e.g. in Netron, or the per-layer table of quantlab compare)")
     t0 = time.perf_counter()
     if stats is None:
         stats = gather_stats(config, prepared, progress)
@@ -220,7 +238,9 @@ def run_ptq(
 
     calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
     # one quantize_static call per target; the other calibrators rewrite that model's scales
-    fp32_model = onnx.load(str(prepared.path)) if len(calibrators) > 1 else None
+    fills = fill_value_tensors(stats)
+    kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills))),
+                  "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
     rewrites: dict[str, QdqRewrite | None] = {}
     artefacts: list[Artefact] = []
     engines: list[EngineSummary] = []
@@ -249,10 +269,10 @@ def run_ptq(
                 rewrite = rewrites.get(tname)
                 qmodel = rewrite.apply(ranges) if rewrite is not None else None
                 if qmodel is None:
-                    write_qdq_model(prepared.path, ranges, target, tmp / rel)
+                    write_qdq_model(prepared.path, ranges, target, tmp / rel, exclude=kept_float["nodes"])
                     data = (tmp / rel).read_bytes()
                     qmodel = onnx.load_model_from_string(data)
-                    if fp32_model is not None and tname not in rewrites:
+                    if len(calibrators) > 1 and tname not in rewrites:
                         rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
                 else:
                     data = qmodel.SerializeToString()
@@ -294,7 +314,7 @@ def run_ptq(
                             "channels": len(p.scale), "folded_into": None,
                         })
             trt_ranges = by_target.get("tensorrt") or compute_ranges(stats, calibrator, TARGETS["tensorrt"])
-            amaxes = {n: r.amax for n, r in trt_ranges.items()}
+            amaxes = {n: r.amax for n, r in trt_ranges.items() if n not in fills}  # no INT8 range for fill values
             rel = f"trt/{cname}.calib.cache"
             write_text(tmp / rel, format_calibration_cache(amaxes))
             artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
@@ -315,7 +335,7 @@ def run_ptq(
         artefacts.append(Artefact("scales.csv", "scale-table"))
         result = PtqResult(
             run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds,
+            fp32_latency, seconds, kept_float,
         )
         write_text(tmp / "summary.json", dumps_json(result.to_dict()))
         artefacts.append(Artefact("summary.json", "summary"))

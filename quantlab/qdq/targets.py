@@ -33,6 +33,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,28 @@ def compute_ranges(stats: StatsSet, calibrator: Calibrator, target: Target) -> d
     return ranges
 
 
+FILL_VALUE = 1e30  # |x| at least this is a fill value (an attention mask's -3.4e38), not a measurement
+
+
+def fill_value_tensors(stats: StatsSet) -> list[str]:
+    """Calibrated tensors whose range reaches a fill value such as the -3.4e38 of an attention mask.
+
+    One INT8 scale cannot hold both such a value and the ordinary values beside it: the scale of
+    ``-3.4e38 / 255`` sends every attention score to the zero point.  These tensors stay in float.
+    """
+    fills = {n for n, st in stats.tensors.items() if max(abs(st.min), abs(st.max)) >= FILL_VALUE}
+    return sorted(fills | {n for n, source in stats.folded.items() if source in fills})
+
+
+def float_nodes(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
+    """Names of the nodes that write or read any of ``tensors``: kept in float so none is quantized."""
+    wanted = set(tensors)
+    return sorted(
+        n.name for n in model.graph.node
+        if n.name and n.op_type not in _QDQ_OPS and (wanted & set(n.input) or wanted & set(n.output))
+    )
+
+
 def _tensors_data(ranges: dict[str, TensorRange]) -> Any:
     """The ranges as ONNX Runtime's calibration cache holds them (MinMax ``TensorsData``)."""
     from onnxruntime.quantization import CalibrationMethod
@@ -106,8 +129,14 @@ def _tensors_data(ranges: dict[str, TensorRange]) -> Any:
     return TensorsData(CalibrationMethod.MinMax, data)
 
 
-def write_qdq_model(model_path: str | Path, ranges: dict[str, TensorRange], target: Target, out: str | Path) -> None:
-    """Write the Q/DQ model of ``target`` with the given activation ranges to ``out``."""
+def write_qdq_model(
+    model_path: str | Path, ranges: dict[str, TensorRange], target: Target, out: str | Path,
+    exclude: Iterable[str] = (),
+) -> None:
+    """Write the Q/DQ model of ``target`` with the given activation ranges to ``out``.
+
+    ``exclude`` names nodes left in float (ONNX Runtime's ``nodes_to_exclude``).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -118,6 +147,9 @@ def write_qdq_model(model_path: str | Path, ranges: dict[str, TensorRange], targ
         extra["OpTypesToExcludeOutputQuantization"] = list(target.op_types)
     if not target.quantize_bias:
         extra["QuantizeBias"] = False
+    exclude = sorted(exclude)
+    if exclude:
+        kwargs["nodes_to_exclude"] = exclude
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         cache = Path(tmp) / "ranges.json"
