@@ -71,6 +71,8 @@ def _run_info(run: Run) -> dict[str, Any]:
         "targets": run.targets,
         "calibrated_tensors": len(stats.tensors) if stats else run.summary.get("calibrated_tensors"),
         "folded_tensors": len(stats.folded) if stats else run.summary.get("folded_tensors"),
+        "kept_float": (run.summary.get("kept_float") or {}).get("nodes") or [],
+        "fill_value_tensors": (run.summary.get("kept_float") or {}).get("fill_value_tensors") or [],
         "quantlab": run.manifest.get("quantlab", __version__),
         "report_quantlab": __version__,
         "versions": versions,

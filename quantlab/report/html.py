@@ -383,6 +383,9 @@ def _run_info(report: dict[str, Any]) -> str:
         ("calibration samples", r.get("samples")), ("calibrators", ", ".join(r["calibrators"])),
         ("percentile", r["percentile"]), ("targets", ", ".join(r["targets"])),
         ("tensors", f'{_fmt(r.get("calibrated_tensors"))} calibrated (+{_fmt(r.get("folded_tensors"))} folded into them)'),
+        ("kept in float", (", ".join(r.get("kept_float") or []) or "none")
+         + (f' (fill values such as an attention mask\'s -3.4e38 in {", ".join(r["fill_value_tensors"])})'
+            if r.get("fill_value_tensors") else "")),
         ("quantlab", r["quantlab"]), (f'versions ({r["versions_from"]})', ", ".join(f"{k} {v}" for k, v in r["versions"].items())),
         ("run folder written", r["date"]), ("files", ", ".join(r["files"])),
     ]

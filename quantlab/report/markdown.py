@@ -41,6 +41,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     out.append(f"{_v(r.get('samples'))} calibration samples, {_v(r.get('calibrated_tensors'))} calibrated tensors, "
                f"calibrators {', '.join(r['calibrators'])}, targets {', '.join(r['targets'])}; "
                f"run written {r['date']}; quantlab {r['quantlab']}.")
+    if r.get("kept_float"):
+        out.append(f"Kept in float: {len(r['kept_float'])} node(s)"
+                   + (" that write or read fill values (e.g. an attention mask's -3.4e38)" if r.get("fill_value_tensors") else "")
+                   + ": " + ", ".join(f"`{n}`" for n in r["kept_float"]) + ".")
     out.append("")
     w = report.get("winner")
     if w:

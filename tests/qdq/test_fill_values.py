@@ -115,6 +115,7 @@ def test_ptq_reports_kept_nodes_and_checks_exclude(tmp_path, capsys):
             ranges = compute_ranges(stats, get_calibrator(calibrator), target)
             write_qdq_model(run / "model_fp32.onnx", ranges, target, tmp_path / "direct.onnx", summary["kept_float"]["nodes"])
             assert (tmp_path / "direct.onnx").read_bytes() == (run / "int8" / f"{calibrator}.{name}.onnx").read_bytes()
+    assert "`mask_add`" in (run / "summary.md").read_text() and "mask_add" in (run / "index.html").read_text()
     cache = (run / "trt" / "minmax.calib.cache").read_text()
     assert "masked:" not in cache and "scores:" in cache
     config.write_text(config.read_text().replace('exclude = ["context"]', 'exclude = ["no_such_node"]'))
