@@ -185,7 +185,7 @@ def bench_config(model: Path, data: Path, samples: int, calibrators: tuple[str, 
     preprocess = dataclasses.replace(config.data.preprocess, resize=None)  # crops are 224x224 already
     config = override(config, "data", calib=str(data), batch_size=BATCH_SIZE, max_samples=samples, preprocess=preprocess)
     return override(config, "ptq", calibrators=calibrators, targets=("ort-cpu",), out=str(out),
-                    run_name="bench", latency_runs=0)
+                    run_name="bench", latency_runs=0, report=False)  # ORT writes no report either
 
 
 def run_quantlab(case: Case, model: Path, data: Path, work: Path) -> dict[str, Any]:
@@ -533,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Wall time: best of {repeat} run(s) in interleaved rounds (load from other work only adds time); "
         "peak RSS: the highest of them. Python start-up and model export/preparation (done once beforehand) "
         "are excluded; numba's compile cache was warmed by an untimed run, so compilation is not included.",
-        "quantlab: `run_ptq`, target `ort-cpu`, latency runs off (includes its FP16 copy and checks). "
+        "quantlab: `run_ptq`, target `ort-cpu`, latency runs and the HTML report off (includes its FP16 copy, "
+        "checks, statistics file, scale tables and TensorRT caches). "
         "ORT: `quantize_static`, QDQ, U8 activations, S8 per-channel weights.",
         f"ORT Entropy and Percentile hold every activation in memory, so they run at {ORT_STORED_MAX_SAMPLES} "
         "samples only; larger counts show an extrapolated peak.",

@@ -48,6 +48,7 @@ def _ptq_config(args: argparse.Namespace) -> Config:
         out=str(Path(args.out).resolve()) if args.out else None,
         percentile=args.percentile,
         run_name=args.name,
+        report=False if args.no_report else None,
     )
 
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="calibration batch size")
     p.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
     p.add_argument("--stats", help="stats.npz of an earlier run: calibrate again without inference")
+    p.add_argument("--no-report", action="store_true", help="skip index.html/summary.md (quantlab report writes them later)")
     p.set_defaults(func=cmd_ptq)
     p = sub.add_parser("compare", help="evaluate the FP32, FP16 and INT8 engines of a run: accuracy, per-layer error, latency")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")

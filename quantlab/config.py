@@ -132,6 +132,8 @@ class PtqConfig:
 
     ``exclude`` names nodes of the model to leave in float in every INT8 model; nodes that write or
     read a tensor holding fill values (an attention mask's -3.4e38) are left in float as well.
+    ``report = false`` skips the HTML/Markdown report at the end of the run (``quantlab report``
+    writes it later).
     """
 
     calibrators: tuple[str, ...] = CALIBRATOR_NAMES
@@ -141,6 +143,7 @@ class PtqConfig:
     run_name: str = ""
     latency_runs: int = 20
     exclude: tuple[str, ...] = ()
+    report: bool = True
 
     def __post_init__(self) -> None:
         check(len(self.calibrators) > 0, "ptq.calibrators is empty: name at least one of " + ", ".join(CALIBRATOR_NAMES))

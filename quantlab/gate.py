@@ -214,7 +214,7 @@ def run_gate(
     from quantlab.compare import run_compare
     from quantlab.config import override
 
-    config = override(config, "ptq", latency_runs=0)
+    config = override(config, "ptq", latency_runs=0, report=False)  # compare writes the report
     if run_dir is None:
         from quantlab.ptq import run_ptq
 

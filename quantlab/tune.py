@@ -30,7 +30,7 @@ from quantlab.compare.harness import (
     CompareResult, EngineResult, EngineSpec, Evaluator, analyse_layers, rank_engines, read_manifest, write_results,
 )
 from quantlab.compare.metrics import higher_is_better
-from quantlab.config import Config
+from quantlab.config import Config, override
 from quantlab.errors import check
 
 
@@ -169,7 +169,7 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
         not (qat_mode == "on" and not config.model.pytorch),
         "QAT needs the PyTorch model: set [model] pytorch = 'module:factory' (or tune.qat = \"auto\")",
     )
-    ptq = run_ptq(config, progress=progress)
+    ptq = run_ptq(override(config, "ptq", report=False), progress=progress)  # the report comes at the end
     run = ptq.run_dir
     ev = Evaluator(config, run)
     engines = [ev.evaluate(spec) for spec in ev.specs]

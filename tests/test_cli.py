@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,14 @@ def test_ptq_success_prints_the_summary(capsys, tiny_config, tmp_path):
     code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "minmax,entropy", "--target", "all")
     assert code == 0
     assert "24 calibration samples" in out and out.count(" pass ") == 2 and re.search(r"^entropy\s+ort-cpu\s", out, re.M)
+
+
+def test_no_report_leaves_the_report_to_quantlab_report(capsys, tiny_config, tmp_path):
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "minmax", "--no-report")
+    run_dir = Path(out.strip().splitlines()[-1].split("run folder: ")[1])
+    assert code == 0 and (run_dir / "summary.json").is_file() and not (run_dir / "index.html").exists()
+    assert "report" not in json.loads((run_dir / "timing.json").read_text())["seconds"]
+    assert run(capsys, "report", "--run", str(run_dir))[0] == 0 and (run_dir / "index.html").is_file()
 
 
 def test_unknown_calibrator_and_target_list_the_valid_ones(capsys, tiny_config):
