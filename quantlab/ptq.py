@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -152,12 +151,10 @@ def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarra
 
 
 def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float | None]:
-    from quantlab.compare.metrics import SQNR_CAP_DB, cosine, sqnr_db
+    from quantlab.compare.metrics import check_agreement
 
-    sqnr = sqnr_db(ref, out)
-    sqnr = -SQNR_CAP_DB if math.isnan(sqnr) else sqnr  # NaN outputs: no signal worth the name
     top1 = float(np.mean(ref.argmax(-1) == out.argmax(-1))) if ref.ndim == 2 and ref.shape[-1] > 1 else None
-    return round(cosine(ref, out), 6), round(sqnr, 2), top1
+    return (*check_agreement(ref, out), top1)
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float | None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import math
 import os
 import tempfile
 import time
@@ -333,14 +332,6 @@ def _export(model: Any, config: Config, example: list[Any], path: Path) -> None:
         onnx.save(proto, str(path))
 
 
-def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    from quantlab.compare.metrics import SQNR_CAP_DB, cosine, sqnr_db
-
-    sqnr = sqnr_db(ref, out)
-    sqnr = -SQNR_CAP_DB if math.isnan(sqnr) else sqnr  # NaN outputs: no signal worth the name
-    return round(cosine(ref, out), 6), round(sqnr, 2)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -377,6 +368,7 @@ def run_qat(
     import torch
 
     from quantlab.collect import ort_session
+    from quantlab.compare.metrics import check_agreement
     from quantlab.model import export_pytorch, prepare_model
     from quantlab.qdq.lint import lint_tensorrt
 
@@ -524,8 +516,8 @@ def run_qat(
             session = ort_session(str(staged), level="all")
             feed = {n: np.ascontiguousarray(first_feed[n]) for n in names}
             ort_out = session.run(None, feed)[0]
-            cosine, sqnr = _agreement(fp32_out, ort_out)
-            fq_cos, _ = _agreement(reference.detach().cpu().numpy(), ort_out)
+            cosine, sqnr = check_agreement(fp32_out, ort_out)
+            fq_cos, _ = check_agreement(reference.detach().cpu().numpy(), ort_out)
             # ONNX Runtime's integer kernels round differently from float fake quantization; on a
             # transformer the two agree to about 0.98 cosine, so only a gross mismatch is an error
             check(

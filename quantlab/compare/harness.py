@@ -525,14 +525,18 @@ def run_compare(
     result = ev.result(results)
     do_layers = c.layers if layers is None else layers
     if do_layers and c.backend == "onnxruntime":
+        import onnx
+
         from quantlab.compare.layers import mismatch
 
         t0 = time.perf_counter()
         # the best INT8 engine that is a Q/DQ copy of the FP32 graph (a QAT export is not)
         skipped = []
+        fp32_model = onnx.load(str(ev.fp32_path))
         for engine in rank_engines(result.int8, result.primary):
-            if mismatch(ev.fp32_path, run / engine.path) is None:
-                result.layers = analyse_layers(config, ev.fp32_path, run / engine.path, engine.name, ev.data,
+            int8_model = onnx.load(str(run / engine.path))
+            if mismatch(fp32_model, int8_model) is None:
+                result.layers = analyse_layers(config, fp32_model, int8_model, engine.name, ev.data,
                                                ev.output, ev.reference[ev.output])
                 if skipped:
                     result.layers["skipped"] = skipped
@@ -545,10 +549,12 @@ def run_compare(
 
 
 def analyse_layers(
-    config: Config, fp32_path: Path, int8_path: Path, engine: str, data: EvalSet, output: str,
+    config: Config, fp32: Any, int8: Any, engine: str, data: EvalSet, output: str,
     reference: np.ndarray,
 ) -> dict[str, Any]:
     """Own and accumulated SQNR of every quantized layer and its sensitivity, worst first.
+
+    ``fp32`` and ``int8`` are the models: paths or loaded ``onnx.ModelProto``.
 
     Sensitivity is measured on the first ``sensitivity_samples`` evaluation samples: the model is
     run with only that one layer quantized (downstream part only, from cached FP32 activations) and
@@ -557,17 +563,16 @@ def analyse_layers(
     measures only the N layers with the lowest own SQNR (the others get no sensitivity), for models
     too large to measure every layer of.
     """
-    import onnx
-
     from quantlab.compare import layers as L
 
     n = config.compare.sensitivity_samples or data.samples
     feeds = data.subset(n)
-    fp32_model, int8_model = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+    fp32_model, int8_model = L.load_model(fp32, "FP32"), L.load_model(int8, "INT8")
     errors = L.layer_errors(fp32_model, int8_model, feeds)
     out_names = [o.name for o in fp32_model.graph.output]
     index = out_names.index(output)
-    ref = reference[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+    ref = reference[:samples]
 
     def score(outputs: list[np.ndarray]) -> float:
         return M.sqnr_db(ref, outputs[index])
@@ -587,7 +592,7 @@ def analyse_layers(
         d["accumulated_sqnr_db"] = _stable(d.get("accumulated_sqnr_db"), 4)
         rows.append(d)
     rows.sort(key=lambda r: (math.inf if r["sensitivity"] is None else r["sensitivity"], r["node"]))
-    return {"engine": engine, "samples": sum(next(iter(f.values())).shape[0] for f in feeds),
+    return {"engine": engine, "samples": samples,
             "score": "output SQNR dB with only this layer quantized", "rows": rows}
 
 

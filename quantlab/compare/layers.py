@@ -112,7 +112,7 @@ class LayerSensitivity:
 # loading, feeding, running
 
 
-def _load(model: ModelLike, what: str) -> onnx.ModelProto:
+def load_model(model: ModelLike, what: str) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     p = Path(model)
@@ -326,7 +326,7 @@ def mismatch(fp32_model: ModelLike, int8_model: ModelLike) -> str | None:
     quantizer writes it); a model exported separately, e.g. after QAT, is not.
     """
     try:
-        _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
+        _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     except QuantlabError as exc:
         return str(exc)
     return None
@@ -481,7 +481,7 @@ def layer_errors(
     activations would take more than ``memory_bytes`` are run in smaller pieces (sizes measured on one
     sample); that changes the numbers only by the kernels' rounding (about 1e-6 dB).
     """
-    pair = _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
+    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     batches = _feed_list(feeds, pair.inputs)
     # a layer with no float output (e.g. a comparison feeding a mask) has no SQNR to measure
     layers = [layer for layer in pair.layers if any(_is_float_output(pair, o) for o in layer.fp32.output if o)]
@@ -641,7 +641,7 @@ def sensitivity(
     model runs once per group.  A small model is one group; the numbers do not depend on the grouping.
     """
     check(method in ("subgraph", "full"), f"unknown sensitivity method '{method}': use 'subgraph' or 'full'")
-    pair = _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
+    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     batches = _feed_list(feeds, pair.inputs)
     chosen = pair.find(layers)
     users = _consumers(pair.f.graph.node)
@@ -715,7 +715,7 @@ def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any
     ``nodes`` are layer names as :func:`layer_errors` gives them (or its rows).  See the module
     docstring for what changes; the result passes ``onnx.checker`` and loads in ONNX Runtime.
     """
-    pair = _Pair(_load(int8_model, "INT8"), _load(fp32_model, "FP32"))
+    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     chosen = pair.find(list(nodes))
     model = onnx.ModelProto()
     model.CopyFrom(pair.q)

@@ -80,6 +80,12 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     return sqnr_db_of_sums(float(np.vdot(a, a)), float(np.vdot(d, d)))
 
 
+def check_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Cosine (6 digits) and SQNR (2 digits, NaN outputs as minus the cap) of a model check against FP32."""
+    sqnr = sqnr_db(ref, out)
+    return round(cosine(ref, out), 6), round(-SQNR_CAP_DB if math.isnan(sqnr) else sqnr, 2)
+
+
 def cosine(ref: np.ndarray, out: np.ndarray) -> float:
     a = np.asarray(ref, np.float64).ravel()
     b = np.asarray(out, np.float64).ravel()

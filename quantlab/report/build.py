@@ -60,6 +60,7 @@ def _run_info(run: Run) -> dict[str, Any]:
         d = run.config.get("data") or {}
         data = d.get("calib") if isinstance(d, dict) else None
     stats = run.stats if run.has_stats else None
+    kept = run.summary.get("kept_float") or {}
     return {
         "model": run.model,
         "source": model.get("source"),
@@ -71,8 +72,8 @@ def _run_info(run: Run) -> dict[str, Any]:
         "targets": run.targets,
         "calibrated_tensors": len(stats.tensors) if stats else run.summary.get("calibrated_tensors"),
         "folded_tensors": len(stats.folded) if stats else run.summary.get("folded_tensors"),
-        "kept_float": (run.summary.get("kept_float") or {}).get("nodes") or [],
-        "fill_value_tensors": (run.summary.get("kept_float") or {}).get("fill_value_tensors") or [],
+        "kept_float": kept.get("nodes") or [],
+        "fill_value_tensors": kept.get("fill_value_tensors") or [],
         "quantlab": run.manifest.get("quantlab", __version__),
         "report_quantlab": __version__,
         "versions": versions,
