@@ -37,8 +37,27 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``["x=1,3,224,224", ...]`` as ``{"x": (1, 3, 224, 224)}``."""
+    if not values:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        check(bool(name) and bool(shape), f"--input-shape '{value}' is not NAME=D,D,...: e.g. --input-shape x=1,3,224,224")
+        shapes[name] = shape
+    return shapes
+
+
 def _ptq_config(args: argparse.Namespace) -> Config:
     config = _config(args)
+    shapes = _input_shapes(args.input_shape)
+    if shapes:
+        config = override(config, "model", input_shapes={**config.model.input_shapes, **shapes})
     config = override(config, "data", calib=str(Path(args.calib).resolve()) if args.calib else None,
                       batch_size=args.batch_size, max_samples=args.max_samples)
     return override(
@@ -154,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="calibration batch size")
     p.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
     p.add_argument("--stats", help="stats.npz of an earlier run: calibrate again without inference")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D,D,...",
+                   help="size of a model input's dynamic dimensions, e.g. x=1,3,640,640 (repeatable; as [model.input_shapes])")
     p.add_argument("--no-report", action="store_true", help="skip index.html/summary.md (quantlab report writes them later)")
     p.set_defaults(func=cmd_ptq)
     p = sub.add_parser("compare", help="evaluate the FP32, FP16 and INT8 engines of a run: accuracy, per-layer error, latency")

@@ -444,9 +444,16 @@ class Limited:
                 n = self.max_samples - seen
                 feed = {k: v[:n] for k, v in feed.items()}
             if n <= 0 or (self.drop_last and n < self.batch_size):
-                return
+                break
             seen += n
             yield feed
+        if self.drop_last and seen == 0:
+            limit = f" (data.max_samples = {self.max_samples})" if self.max_samples else ""
+            raise QuantlabError(
+                f"the model has a fixed batch dimension of {self.batch_size}, so it takes exactly {self.batch_size} "
+                f"samples per batch, but the data gives fewer{limit}: add samples"
+                + (" or raise data.max_samples" if limit else "")
+            )
 
 
 def resolve_tokenizer(spec: str | Path, resolve: Callable[[str], Path] | None = None) -> Path:

@@ -29,7 +29,7 @@ import numpy as np
 from quantlab import __version__
 from quantlab.artefacts import Artefact, atomic_dir, csv_text, dumps_json, write_report_files, write_text
 from quantlab.config import Config
-from quantlab.errors import QuantlabError, check
+from quantlab.errors import QuantlabError, check, stage
 from quantlab.model import PreparedModel, export_pytorch, prepare_model
 from quantlab.stats import StatsSet
 
@@ -69,6 +69,8 @@ class PtqResult:
     fp32_latency_ms: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     kept_float: dict[str, list[str]] = field(default_factory=dict)  # nodes left in float, and why
+    notes: list[str] = field(default_factory=list)  # what preparation changed, artefacts not written
+    latency_batch: int = 1  # the model's fixed batch size, else 1
 
     def __bool__(self) -> bool:
         return all(e.ok for e in self.engines)
@@ -81,6 +83,7 @@ class PtqResult:
             "folded_tensors": self.folded,
             "engines": [{k: v for k, v in asdict(e).items() if k != "latency_ms"} for e in self.engines],
             "kept_float": self.kept_float,
+            "preparation": self.notes,
         }
 
     def __str__(self) -> str:
@@ -101,7 +104,7 @@ class PtqResult:
         line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
         out = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
         if self.fp32_latency_ms is not None:
-            out.append(f"FP32 latency (batch 1, median): {self.fp32_latency_ms:.2f} ms")
+            out.append(f"FP32 latency (batch {self.latency_batch}, median): {self.fp32_latency_ms:.2f} ms")
         if self.kept_float.get("nodes"):
             why = []
             if self.kept_float.get("fill_value_tensors"):
@@ -110,6 +113,11 @@ class PtqResult:
             if self.kept_float.get("excluded_by_config"):
                 why.append(f"{len(self.kept_float['excluded_by_config'])} named in [ptq] exclude")
             out.append(f"kept in float: {len(self.kept_float['nodes'])} node(s) ({'; '.join(why)})")
+        for target, failed in self.kept_float.get("quantizer_failed", {}).items():
+            for node, why in failed.items():
+                out.append(f"kept in float for {target}: '{node}' (ONNX Runtime's quantizer fails on it: {why})")
+        for note in self.notes:
+            out.append(f"prepared: {note}")
         out.append(f"run folder: {self.run_dir}")
         return "\n".join(out)
 
@@ -142,11 +150,17 @@ def gather_stats(
 
 
 def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarray]:
+    """The first calibration batch (at the model's fixed batch size, if it has one); without data
+    (statistics reused), seeded normal values for float inputs and zeros for the others."""
     from quantlab.data import make_reader
 
     if config.data.calib is None:
         gen = np.random.default_rng(0)
-        return {s.name: gen.standard_normal([d or 1 for d in s.shape]).astype(s.dtype) for s in prepared.inputs}
+        return {
+            s.name: gen.standard_normal([d or 1 for d in s.shape]).astype(s.dtype)
+            if np.issubdtype(s.dtype, np.floating) else np.zeros([d or 1 for d in s.shape], s.dtype)
+            for s in prepared.inputs
+        }
     return next(iter(make_reader(config.data, config.resolve(config.data.calib), prepared.inputs, resolve=config.resolve)))
 
 
@@ -157,10 +171,16 @@ def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float | 
     return (*check_agreement(ref, out), top1)
 
 
-def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float | None:
+def latency_batch(prepared: PreparedModel) -> int:
+    """The batch size latency is measured at: the model's fixed batch dimension, else 1."""
+    return next((s.shape[0] for s in prepared.inputs if s.shape and s.shape[0] is not None), 1)
+
+
+def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int, batch: int = 1) -> float | None:
+    """Median wall time of ``runs`` runs on the first ``batch`` samples of ``feed``, in ms."""
     if runs <= 0:
         return None
-    one = {k: v[:1] for k, v in feed.items()}
+    one = {k: v[:batch] for k, v in feed.items()}
     for _ in range(3):
         session.run(None, one)
     times = []
@@ -169,6 +189,47 @@ def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float |
         session.run(None, one)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1000)
+
+
+def try_write_fp16(src: Path, dst: Path) -> str | None:
+    """Write the FP16 model and check that ONNX Runtime loads it; the reason when it cannot (nothing written)."""
+    from quantlab.collect import ort_session
+
+    try:
+        with stage("fp16", "writing the FP16 model", "the INT8 models do not depend on it"):
+            write_fp16(src, dst)
+            ort_session(str(dst))
+    except QuantlabError as exc:
+        dst.unlink(missing_ok=True)
+        return str(exc).removeprefix("fp16: ")
+    return None
+
+
+MAX_SKIPPED = 16  # nodes left in float because ONNX Runtime's quantizer fails on them, at most
+
+
+def quantize_or_skip(
+    model_path: Path, ranges: dict[str, Any], target: Any, out: Path, exclude: list[str], failed: dict[str, str]
+) -> None:
+    """``write_qdq_model``, leaving in float each node ONNX Runtime's quantizer fails on.
+
+    When ``quantize_static`` raises while quantizing a node (its frames show which), that node joins
+    ``failed`` (node -> the error's first line) and the call is repeated without it, up to
+    :data:`MAX_SKIPPED` nodes; the rest of the model is still quantized.  An error that names no node,
+    or a node without a name, is raised (``stage`` turns it into a one-line error).
+    """
+    from quantlab.errors import raised_by_onnx, describe, node_in_traceback
+    from quantlab.qdq.targets import write_qdq_model
+
+    while True:
+        try:
+            write_qdq_model(model_path, ranges, target, out, exclude=sorted({*exclude, *failed}))
+            return
+        except Exception as exc:
+            node = node_in_traceback(exc) if raised_by_onnx(exc) else None
+            if node is None or node in failed or node in exclude or len(failed) >= MAX_SKIPPED:
+                raise
+            failed[node] = describe(exc)
 
 
 def write_fp16(src: Path, dst: Path) -> None:
@@ -203,13 +264,14 @@ def run_ptq(
     from quantlab.qdq.lint import lint_tensorrt
     from quantlab.qdq.targets import (
         TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes, plan_rewrite, read_quant_params,
-        write_qdq_model,
     )
     from quantlab.trtcache import format_calibration_cache
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    prepared = prepare_model(resolve_model(config), config.model.input_shapes)
+    source = resolve_model(config)
+    with stage("prepare", f"preparing '{source.name}'", "check that the model loads and runs in ONNX Runtime"):
+        prepared = prepare_model(source, config.model.input_shapes)
     seconds["prepare"] = time.perf_counter() - t0
     fp32_model = onnx.load(str(prepared.path))
     named = {n.name for n in fp32_model.graph.node if n.name}
@@ -218,7 +280,9 @@ def run_ptq(
                        "(e.g. in Netron, or the per-layer table of quantlab compare)")
     t0 = time.perf_counter()
     if stats is None:
-        stats = gather_stats(config, prepared, progress)
+        with stage("statistics", f"running '{source.name}' in ONNX Runtime on the calibration data",
+                   "check that the data matches the model's inputs (shapes, dtypes, preprocessing)"):
+            stats = gather_stats(config, prepared, progress)
     elif not isinstance(stats, StatsSet):
         stats = StatsSet.load(stats)
     check(
@@ -229,16 +293,21 @@ def run_ptq(
     name = config.ptq.run_name or config.model.display_name
     run_dir = config.resolve(config.ptq.out) / name
     feed = _first_batch(config, prepared)
-    fp32 = ort_session(str(prepared.path), level="all")
-    reference = fp32.run(None, feed)[0]
-    fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs)
+    batch = latency_batch(prepared)
+    with stage("statistics", f"running '{source.name}' in ONNX Runtime on the first calibration batch",
+               "check that the data matches the model's inputs (shapes, dtypes, preprocessing)"):
+        fp32 = ort_session(str(prepared.path), level="all")
+        reference = fp32.run(None, feed)[0]
+        fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs, batch)
 
     calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
+    notes = list(prepared.notes)
     # one quantize_static call per target; the other calibrators rewrite that model's scales
     fills = fill_value_tensors(stats)
     kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills))),
                   "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
     rewrites: dict[str, QdqRewrite | None] = {}
+    quantizer_failures: dict[str, dict[str, str]] = {}  # target -> node ONNX Runtime's quantizer failed on -> why
     artefacts: list[Artefact] = []
     engines: list[EngineSummary] = []
     scale_rows: list[dict[str, Any]] = []
@@ -250,9 +319,11 @@ def run_ptq(
         artefacts.append(Artefact("stats.npz", "statistics"))
         shutil.copyfile(prepared.path, tmp / "model_fp32.onnx")
         artefacts.append(Artefact("model_fp32.onnx", "model-fp32"))
-        write_fp16(prepared.path, tmp / "model_fp16.onnx")
-        ort_session(str(tmp / "model_fp16.onnx"))  # it must load
-        artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
+        fp16_error = try_write_fp16(prepared.path, tmp / "model_fp16.onnx")
+        if fp16_error is None:
+            artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
+        else:
+            notes.append(f"no FP16 model: {fp16_error}")
         seconds["fp16"] = time.perf_counter() - t0
         for cname, calibrator in calibrators.items():
             by_target: dict[str, dict] = {}
@@ -264,22 +335,27 @@ def run_ptq(
                 t0 = time.perf_counter()
                 rel = f"int8/{cname}.{tname}.onnx"
                 rewrite = rewrites.get(tname)
-                qmodel = rewrite.apply(ranges) if rewrite is not None else None
-                if qmodel is None:
-                    write_qdq_model(prepared.path, ranges, target, tmp / rel, exclude=kept_float["nodes"])
-                    data = (tmp / rel).read_bytes()
-                    qmodel = onnx.load_model_from_string(data)
-                    if len(calibrators) > 1 and tname not in rewrites:
-                        rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
-                else:
-                    data = qmodel.SerializeToString()
-                    (tmp / rel).write_bytes(data)
+                with stage("quantize", f"ONNX Runtime's quantize_static for target {tname}",
+                           "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+                    qmodel = rewrite.apply(ranges) if rewrite is not None else None
+                    if qmodel is None:
+                        failed = quantizer_failures.setdefault(tname, {})
+                        quantize_or_skip(prepared.path, ranges, target, tmp / rel, kept_float["nodes"], failed)
+                        data = (tmp / rel).read_bytes()
+                        qmodel = onnx.load_model_from_string(data)
+                        if len(calibrators) > 1 and tname not in rewrites:
+                            rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
+                    else:
+                        data = qmodel.SerializeToString()
+                        (tmp / rel).write_bytes(data)
                 seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
                 artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
                 t0 = time.perf_counter()
-                onnx.checker.check_model(data)
-                session = ort_session(str(tmp / rel), level="all")
-                cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
+                with stage("check", f"checking the {cname}.{tname} INT8 model (onnx.checker, ONNX Runtime)",
+                           "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+                    onnx.checker.check_model(data)
+                    session = ort_session(str(tmp / rel), level="all")
+                    cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
                 rules = "n/a"
                 if tname == "tensorrt":
                     report = lint_tensorrt(qmodel)
@@ -288,7 +364,7 @@ def run_ptq(
                 engines.append(EngineSummary(
                     cname, tname, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules,
                     cosine, sqnr, top1,
-                    _latency_ms(session, feed, config.ptq.latency_runs) if tname == "ort-cpu" else None,
+                    _latency_ms(session, feed, config.ptq.latency_runs, batch) if tname == "ort-cpu" else None,
                 ))
                 deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
                 seconds[f"checks:{cname}:{tname}"] = time.perf_counter() - t0
@@ -330,15 +406,19 @@ def run_ptq(
                 ])
         write_text(tmp / "scales.csv", csv_text(header, rows))
         artefacts.append(Artefact("scales.csv", "scale-table"))
+        failures = {t: dict(sorted(f.items())) for t, f in sorted(quantizer_failures.items()) if f}
+        if failures:
+            kept_float["quantizer_failed"] = failures
         result = PtqResult(
             run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds, kept_float,
+            fp32_latency, seconds, kept_float, notes, batch,
         )
         write_text(tmp / "summary.json", dumps_json(result.to_dict()))
         artefacts.append(Artefact("summary.json", "summary"))
         timing = {
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "latency_ms_batch1": {"fp32": fp32_latency, **{e.path: e.latency_ms for e in engines if e.latency_ms}},
+            "latency_batch": batch,
         }
         write_text(tmp / "timing.json", dumps_json(timing))
         artefacts.append(Artefact("timing.json", "timing"))
