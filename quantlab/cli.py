@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from quantlab.config import CALIBRATOR_NAMES, TARGETS, Config, load_config, override
-from quantlab.errors import QuantlabError, check
+from quantlab.errors import QuantlabError, check, describe, raised_by_onnx
 
 
 def _names(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...] | None:
@@ -211,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except QuantlabError as exc:
         print(f"quantlab: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # onnx or ONNX Runtime failing on the user's model where no stage caught it: still one line
+        if not raised_by_onnx(exc) or isinstance(exc, MemoryError):
+            raise
+        print(f"quantlab: error: {args.command}: ONNX Runtime or onnx failed on the model ({describe(exc)}): "
+              "check that the model loads and runs in ONNX Runtime", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantlab: interrupted; nothing was written", file=sys.stderr)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import QuantlabError, describe
 
 # ops whose output differs from run to run: never folded
 NONDETERMINISTIC = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
@@ -223,16 +223,10 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[s
         values = session.run(names, {})
     except Exception as exc:  # ONNX Runtime's own errors on the user's constant subgraph
         raise QuantlabError(
-            f"prepare: ONNX Runtime cannot evaluate the model's constant subgraph ({_first_line(exc)}): "
+            f"prepare: ONNX Runtime cannot evaluate the model's constant subgraph ({describe(exc)}): "
             "check that the model runs in ONNX Runtime, or export it with constant folding on"
         ) from exc
     return dict(zip(names, values))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # --- MatMul with the weight on the left ----------------------------------------------------------

@@ -157,6 +157,12 @@ def to_fp16(m: onnx.ModelProto) -> onnx.ModelProto:
     for v in (*out.graph.input, *out.graph.output, *out.graph.value_info):
         if v.type.tensor_type.elem_type == FLOAT:
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in out.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+            elif a.name == "to" and a.i == FLOAT:
+                a.i = TensorProto.FLOAT16
     onnx.checker.check_model(out)
     return out
 

@@ -103,3 +103,41 @@ def test_model_flag_alone_ignores_a_local_config(capsys, tmp_path, tiny_model, t
     code, out, _ = run(capsys, "ptq", "--model", str(tiny_model), "--calib", str(tiny_calib), "--calibrator", "minmax",
                        "--out", "runs")
     assert code == 0 and (tmp_path / "runs" / "tiny" / "int8" / "minmax.tensorrt.onnx").is_file()
+
+
+def test_input_shape_flag_fixes_dynamic_dimensions(capsys, tmp_path):
+    from conftest import conv_net, save_model, write_tiny_calib
+
+    model = save_model(conv_net(hw=("H", "W")), tmp_path / "dyn.onnx")
+    calib = write_tiny_calib(tmp_path / "calib", files=2)
+    args = ["ptq", "--model", str(model), "--calib", str(calib), "--calibrator", "minmax", "--out", str(tmp_path / "out"),
+            "--no-report"]
+    line = one_line_error(capsys, *args)
+    assert "dynamic dimension 'H' at axis 2" in line and "--input-shape input=1,3,<H>,<W>" in line
+    assert "bad" in one_line_error(capsys, *args, "--input-shape", "input=1,3,bad")
+    code, out, _ = run(capsys, *args, "--input-shape", "input=1,3,8,8")
+    assert code == 0 and "8 calibration samples" in out
+
+
+def test_onnx_runtime_errors_name_the_stage_and_the_node(capsys, tmp_path):
+    """A model that ONNX Runtime cannot run on the data: one line naming the stage and the node, exit 2."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import save_model
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"], name="fixed_reshape"),  # only a batch of 1 fits [3, 4]
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="fc"),
+    ]
+    inits = [numpy_helper.from_array(np.array([3, 4], np.int64), "shape"),
+             numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], inits)
+    model = save_model(graph, tmp_path / "reshape.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "x.npy", np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32))
+    line = one_line_error(capsys, "ptq", "--model", str(model), "--calib", str(tmp_path / "calib"), "--out",
+                          str(tmp_path / "out"), "--no-report")
+    assert line.startswith("quantlab: error: statistics: running 'reshape.onnx' in ONNX Runtime on the calibration data failed")
+    assert "fixed_reshape" in line and "check that the data matches" in line
+    assert not (tmp_path / "out").exists()

@@ -208,15 +208,16 @@ def _stable(x: float | None, digits: int = 6) -> float | None:
 
 def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...], runs: int, warmup: int,
                fixed_batch: int | None) -> dict[str, dict[str, float]]:
-    """Median and p90 in ms and throughput in samples/s per batch size (sizes the model cannot take are skipped)."""
+    """Median and p90 in ms and throughput in samples/s per batch size.
+
+    A model with a fixed batch dimension takes only that size: it is measured at that one size.
+    """
     if runs <= 0:
         return {}
     pool = {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
     total = next(iter(pool.values())).shape[0]
     result: dict[str, dict[str, float]] = {}
-    for b in batch_sizes:
-        if fixed_batch is not None and fixed_batch != b:
-            continue
+    for b in (fixed_batch,) if fixed_batch is not None else batch_sizes:
         idx = np.arange(b) % total
         feed = {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
         for _ in range(warmup):
@@ -478,8 +479,9 @@ class Evaluator:
         check(self.fp32 is not None, "evaluate the FP32 engine first: it is the reference")
         e.failures = evaluate(self.tolerance, e.metrics, self.fp32.metrics) if self.tolerance else []
         e.tolerance_ok = not e.failures if self.tolerance else None
-        fp32_b1 = self.fp32.latency.get("1", {}).get("median_ms")
-        b1 = e.latency.get("1", {}).get("median_ms")
+        smallest = str(self.fixed_batch or 1)  # the model's fixed batch size, else batch 1
+        fp32_b1 = self.fp32.latency.get(smallest, {}).get("median_ms")
+        b1 = e.latency.get(smallest, {}).get("median_ms")
         e.slower_than_fp32 = bool(fp32_b1 and b1 and b1 > fp32_b1)
 
     def result(self, engines: list[EngineResult]) -> CompareResult:

@@ -462,6 +462,16 @@ def _nbytes(values: Mapping[str, np.ndarray], names: Iterable[str]) -> int:
     return sum(values[n].nbytes for n in set(names) if n in values)
 
 
+def _fixed_batch(model: onnx.ModelProto) -> int:
+    """The batch size a model's inputs fix (their first dimension), or 1 when the batch axis is dynamic."""
+    inits = {i.name for i in model.graph.initializer}
+    for v in model.graph.input:
+        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
+        if v.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return 1
+
+
 def _rebatch(batches: Sequence[Feed], size: int) -> list[dict[str, np.ndarray]]:
     """The same samples in batches of at most ``size`` (batch boundaries kept; nothing is copied)."""
     out = []
@@ -492,10 +502,12 @@ def layer_errors(
         need_f += [o for o in layer.fp32.output if o]
     run_f = _Exposed(pair.f, need_f)
     run_q = _Exposed(pair.q, [o for layer in layers for o in layer.node.output if o])
-    if layers and _samples(batches) > len(batches):
-        one = {k: v[:1] for k, v in batches[0].items()}
-        per_sample = _nbytes(run_f(one), run_f.names) + _nbytes(run_q(one), run_q.names)
-        batches = _rebatch(batches, max(1, memory_bytes // max(per_sample, 1)))
+    fixed = _fixed_batch(pair.f)  # a model with a fixed batch dimension runs on batches of exactly that size
+    if layers and _samples(batches) > len(batches) * fixed:
+        one = {k: v[:fixed] for k, v in batches[0].items()}
+        per_sample = (_nbytes(run_f(one), run_f.names) + _nbytes(run_q(one), run_q.names)) // fixed
+        size = max(1, memory_bytes // max(per_sample, 1))
+        batches = _rebatch(batches, max(fixed, size - size % fixed))
     own = np.zeros((len(layers), 2))
     acc = np.zeros((len(layers), 2))
     minis: list[tuple[Any, list[str], list[str]]] | None = None
@@ -595,7 +607,8 @@ def _groups(pair: _Pair, partials: Sequence[_Partial], batches: Sequence[Feed], 
     """Consecutive partials whose cached frontiers (over every sample) fit in ``memory_bytes`` together."""
     graph_outputs = [o.name for o in pair.f.graph.output]
     probe = _Exposed(pair.f, [x for p in partials for x in p.frontier] + graph_outputs)
-    sizes = {k: v.nbytes for k, v in probe({k: v[:1] for k, v in batches[0].items()}).items()}
+    fixed = _fixed_batch(pair.f)
+    sizes = {k: v.nbytes // fixed for k, v in probe({k: v[:fixed] for k, v in batches[0].items()}).items()}
     del probe
     samples = _samples(batches)
 

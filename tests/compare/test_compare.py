@@ -146,3 +146,27 @@ def test_run_without_manifest_and_mismatched_eval_data(run, tmp_path, capsys) ->
     np.save(unlabelled / "sample.npy", np.zeros((3, 8, 8), np.float32))
     assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--eval", str(unlabelled)]) == 2
     assert "cannot read a class label from 'sample.npy'" in capsys.readouterr().err
+
+
+def test_fixed_batch_model_is_compared_at_its_batch_size(tmp_path: Path) -> None:
+    """A model whose batch dimension is fixed at 2: evaluation, latency and the per-layer analysis feed batches of 2."""
+    import onnx
+
+    from exporters import convolutions
+    from quantlab.ptq import run_ptq
+
+    onnx.save(convolutions(batch=2), str(tmp_path / "fixed2.onnx"))
+    g = np.random.default_rng(3)
+    for sub in ("calib", "eval"):
+        (tmp_path / sub).mkdir()
+        np.savez(tmp_path / sub / "x.npz", x1=g.standard_normal((6, 4, 16)).astype(np.float32))
+    (tmp_path / "q.toml").write_text(
+        f'[model]\nonnx = "{tmp_path}/fixed2.onnx"\n[data]\ncalib = "{tmp_path}/calib"\n'
+        f'[ptq]\nout = "{tmp_path}/out"\nlatency_runs = 1\ncalibrators = ["minmax"]\nreport = false\n'
+        f'[compare]\neval = "{tmp_path}/eval"\nlabels = "none"\ntask = "outputs"\nlatency_runs = 1\n'
+    )
+    config = load_config(tmp_path / "q.toml")
+    run_ptq(config)
+    result = run_compare(config)
+    assert all(set(e.latency) == {"2"} for e in result.engines)
+    assert result.layers and len(result.layers["rows"]) > 0
