@@ -348,7 +348,7 @@ def prepare_model(source: str | Path, input_shapes: dict[str, tuple[int, ...]] |
         notes.append(f"{len(split)} grouped ConvTranspose bias(es) moved into an Add")
     check(
         bool(_weighted_nodes(model)),
-        f"model '{source.name}' has nothing to quantize (no Conv, ConvTranspose, Gemm or MatMul with constant weights): "
+        f"prepare: model '{source.name}' has nothing to quantize (no Conv, ConvTranspose, Gemm or MatMul with constant weights): "
         "pass a model with weighted layers",
     )
     digest = _digest(model)

@@ -1,7 +1,10 @@
 """Real models from packages, quantized for every target into valid models, or refused with the reason.
 
-The quick tier (two package models and one export) runs with the default test command; the whole
-corpus (``quantlab.corpus``, about 5 minutes on 2 cores) runs with ``pytest -m corpus``.
+The quick tier (the PP-OCR direction classifier and the refused, already quantized recogniser) runs
+with the default test command; the rest of the corpus (``quantlab.corpus``, about 5 minutes on 2
+idle cores) runs with ``pytest -m corpus``.  Each INT8 model must pass ``onnx.checker``, run on every
+sample with finite outputs and (``tensorrt``) pass ``quantlab lint``; the ``ort-cpu`` model must keep
+a cosine to FP32 of at least the entry's ``min_cosine``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from quantlab.compare.metrics import cosine
 from quantlab.config import load_config
 from quantlab.corpus import config_text, corpus, write_calibration
 from quantlab.errors import QuantlabError
+from quantlab.model import input_specs
 from quantlab.ptq import run_ptq
 from quantlab.qdq.lint import lint_tensorrt
 
@@ -43,7 +47,7 @@ def quantize_and_check(name: str, tmp_path, exports) -> None:
     result = run_ptq(load_config(config))
     assert result and sorted(e.target for e in result.engines) == ["ort-cpu", "tensorrt"]
     fp32 = ort_session(str(result.run_dir / "model_fp32.onnx"))
-    batch = result.latency_batch if result.latency_batch > 1 else SAMPLES
+    batch = input_specs(result.run_dir / "model_fp32.onnx")[0].shape[0] or SAMPLES  # a fixed batch, else all at once
     arrays = model.samples(SAMPLES)
     feeds = [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, SAMPLES - batch + 1, batch)]
     reference = np.concatenate([fp32.run(None, f)[0].ravel() for f in feeds])
@@ -51,7 +55,9 @@ def quantize_and_check(name: str, tmp_path, exports) -> None:
         path = result.run_dir / engine.path
         onnx.checker.check_model(str(path))
         out = np.concatenate([ort_session(str(path)).run(None, f)[0].ravel() for f in feeds])
-        assert cosine(reference, out) > 0.9, (name, engine.target)
+        assert np.isfinite(out).all()
+        if engine.target == "ort-cpu":  # TensorRT's S8S8 placement is for TensorRT; its accuracy is compare's job
+            assert cosine(reference, out) > model.min_cosine, (name, engine.target, cosine(reference, out))
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         assert ops.count("QuantizeLinear") > 0
         if engine.target == "tensorrt":
