@@ -11,6 +11,7 @@
       model_fp32.onnx          the prepared FP32 graph everything else derives from
       model_fp16.onnx          FP16 weights and compute, FP32 inputs and outputs
       int8/<calibrator>.<target>.onnx
+      int8/dynamic.ort-dynamic.onnx  ONNX Runtime dynamic quantization (one model, no calibrator)
       trt/<calibrator>.calib.cache   legacy TensorRT calibration caches
       scales.json, scales.csv  activation ranges and deployed scales/zero-points
 """
@@ -69,6 +70,7 @@ class PtqResult:
     fp32_latency_ms: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     kept_float: dict[str, list[str]] = field(default_factory=dict)  # nodes left in float, and why
+    notes: list[str] = field(default_factory=list)  # said once per run
 
     def __bool__(self) -> bool:
         return all(e.ok for e in self.engines)
@@ -81,6 +83,7 @@ class PtqResult:
             "folded_tensors": self.folded,
             "engines": [{k: v for k, v in asdict(e).items() if k != "latency_ms"} for e in self.engines],
             "kept_float": self.kept_float,
+            "notes": self.notes,
         }
 
     def __str__(self) -> str:
@@ -110,6 +113,7 @@ class PtqResult:
             if self.kept_float.get("excluded_by_config"):
                 why.append(f"{len(self.kept_float['excluded_by_config'])} named in [ptq] exclude")
             out.append(f"kept in float: {len(self.kept_float['nodes'])} node(s) ({'; '.join(why)})")
+        out.extend(self.notes)
         out.append(f"run folder: {self.run_dir}")
         return "\n".join(out)
 
@@ -200,10 +204,9 @@ def run_ptq(
 
     from quantlab.calibrators import get_calibrator
     from quantlab.collect import ort_session
-    from quantlab.qdq.lint import lint_tensorrt
     from quantlab.qdq.targets import (
-        TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes, plan_rewrite, read_quant_params,
-        write_qdq_model,
+        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes,
+        placement_for, plan_rewrite, read_quant_params, write_dynamic_model, write_qdq_model,
     )
     from quantlab.trtcache import format_calibration_cache
 
@@ -216,6 +219,9 @@ def run_ptq(
     unknown = [n for n in config.ptq.exclude if n not in named]
     check(not unknown, f"ptq.exclude names {unknown[:3]}, not node(s) of the model: use node names as the model shows them "
                        "(e.g. in Netron, or the per-layer table of quantlab compare)")
+    for tname in config.ptq.targets:  # a target with nothing to quantize stops here, before any inference
+        if tname in TARGETS:
+            placement_for(fp32_model, TARGETS[tname], config.ptq.exclude)
     t0 = time.perf_counter()
     if stats is None:
         stats = gather_stats(config, prepared, progress)
@@ -238,6 +244,13 @@ def run_ptq(
     fills = fill_value_tensors(stats)
     kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills))),
                   "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
+    static_targets = [t for t in config.ptq.targets if t != DYNAMIC_TARGET]
+    notes: list[str] = []
+    if DYNAMIC_TARGET in config.ptq.targets:
+        notes.append(
+            f"{DYNAMIC_TARGET}: activations are quantized at run time, so the calibrators "
+            f"({', '.join(calibrators)}) make no difference to it; one model: int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+        )
     rewrites: dict[str, QdqRewrite | None] = {}
     artefacts: list[Artefact] = []
     engines: list[EngineSummary] = []
@@ -256,7 +269,7 @@ def run_ptq(
         seconds["fp16"] = time.perf_counter() - t0
         for cname, calibrator in calibrators.items():
             by_target: dict[str, dict] = {}
-            for tname in config.ptq.targets:
+            for tname in static_targets:
                 t0 = time.perf_counter()
                 target = TARGETS[tname]
                 ranges = by_target[tname] = compute_ranges(stats, calibrator, target)
@@ -270,26 +283,14 @@ def run_ptq(
                     data = (tmp / rel).read_bytes()
                     qmodel = onnx.load_model_from_string(data)
                     if len(calibrators) > 1 and tname not in rewrites:
-                        rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
+                        rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target, kept_float["nodes"])
                 else:
                     data = qmodel.SerializeToString()
                     (tmp / rel).write_bytes(data)
                 seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
                 artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
                 t0 = time.perf_counter()
-                onnx.checker.check_model(data)
-                session = ort_session(str(tmp / rel), level="all")
-                cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
-                rules = "n/a"
-                if tname == "tensorrt":
-                    report = lint_tensorrt(qmodel)
-                    rules = "pass" if report else "fail: " + ", ".join(sorted({i.rule for i in report.issues}))
-                ops = [n.op_type for n in qmodel.graph.node]
-                engines.append(EngineSummary(
-                    cname, tname, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules,
-                    cosine, sqnr, top1,
-                    _latency_ms(session, feed, config.ptq.latency_runs) if tname == "ort-cpu" else None,
-                ))
+                engines.append(_check_engine(cname, tname, rel, tmp, data, qmodel, reference, feed, config))
                 deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
                 seconds[f"checks:{cname}:{tname}"] = time.perf_counter() - t0
                 for tensor, r in sorted(ranges.items()):
@@ -315,6 +316,16 @@ def run_ptq(
             rel = f"trt/{cname}.calib.cache"
             write_text(tmp / rel, format_calibration_cache(amaxes))
             artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
+        if DYNAMIC_TARGET in config.ptq.targets:
+            t0 = time.perf_counter()
+            rel = f"int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+            write_dynamic_model(prepared.path, tmp / rel, exclude=kept_float["nodes"])
+            data = (tmp / rel).read_bytes()
+            artefacts.append(Artefact(rel, "model-int8-dynamic", DYNAMIC_CALIBRATOR, DYNAMIC_TARGET))
+            engines.append(_check_engine(
+                DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, rel, tmp, data, onnx.load_model_from_string(data), reference, feed, config,
+            ))
+            seconds[f"dynamic:{DYNAMIC_TARGET}"] = time.perf_counter() - t0
         write_text(tmp / "scales.json", dumps_json(scale_rows))
         artefacts.append(Artefact("scales.json", "scale-table"))
         header = ["tensor", "kind", "calibrator", "target", "dtype", "amax", "min", "max", "channel", "scale", "zero_point"]
@@ -332,7 +343,7 @@ def run_ptq(
         artefacts.append(Artefact("scales.csv", "scale-table"))
         result = PtqResult(
             run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds, kept_float,
+            fp32_latency, seconds, kept_float, notes,
         )
         write_text(tmp / "summary.json", dumps_json(result.to_dict()))
         artefacts.append(Artefact("summary.json", "summary"))
@@ -355,6 +366,31 @@ def run_ptq(
         write_report_files(run_dir)  # index.html, summary.md, report.json: views of the files above
         seconds["report"] = time.perf_counter() - t0
     return result
+
+
+def _check_engine(
+    calibrator: str, target: str, rel: str, tmp: Path, data: bytes, qmodel: Any, reference: np.ndarray,
+    feed: dict[str, np.ndarray], config: Config,
+) -> EngineSummary:
+    """Check one INT8 model as written: ``onnx.checker``, an ONNX Runtime session, agreement with FP32 on
+    the first calibration batch, TensorRT's rules for ``tensorrt``, batch-1 latency for the CPU targets."""
+    import onnx
+
+    from quantlab.collect import ort_session
+    from quantlab.qdq.lint import lint_tensorrt
+
+    onnx.checker.check_model(data)
+    session = ort_session(str(tmp / rel), level="all")
+    cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
+    rules = "n/a"
+    if target == "tensorrt":
+        report = lint_tensorrt(qmodel)
+        rules = "pass" if report else "fail: " + ", ".join(sorted({i.rule for i in report.issues}))
+    ops = [n.op_type for n in qmodel.graph.node]
+    return EngineSummary(
+        calibrator, target, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules, cosine, sqnr, top1,
+        _latency_ms(session, feed, config.ptq.latency_runs) if target != "tensorrt" else None,
+    )
 
 
 def config_dict(config: Config) -> dict[str, Any]:
