@@ -196,3 +196,51 @@ def test_ort_dynamic_target(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     engine = next(e for e in summary["engines"] if e["target"] == "ort-dynamic")
     assert engine["calibrator"] == "dynamic" and engine["cosine"] > 0.99
+
+
+def _ort_placement(path, out, op_types, stats_feed):
+    """ONNX Runtime's own placement (quantize_static over whole op types), TensorRT-style S8."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([stats_feed])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    return onnx.load(str(out))
+
+
+def test_lint_gives_fusion_advice_on_ort_placement_and_none_on_ours(encoder, tmp_path):
+    from conftest import conv_net
+
+    folder, pm, stats, feed = encoder
+    # a transformer quantized over MatMul and Add: bias Adds, GELU's +1 and the residual stream get Q/DQ
+    model = _ort_placement(pm.path, tmp_path / "enc.onnx", ["MatMul", "Add"], feed)
+    report = lint_tensorrt(model)
+    assert report and report.advice  # valid, but it will not fuse
+    rules = {a.rule for a in report.advice}
+    assert "constant-add" in rules
+    assert {a.node for a in report.advice if a.rule == "constant-add"} >= {"q_bias", "k_bias", "gelu_add"}
+    assert "fusion advice" in report.summary() and report.to_dict()["advice"]
+    # a CNN quantized over Conv, Add and Gemm: the residual Add has both inputs quantized
+    cnn = save_model(conv_net(), tmp_path / "tiny.onnx")
+    x = {"input": np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    report = lint_tensorrt(_ort_placement(cnn, tmp_path / "cnn.onnx", ["Conv", "Add", "Gemm"], x))
+    found = {(a.rule, a.node, a.tensor) for a in report.advice}
+    # ... and ONNX Runtime quantized conv1's output, which only the (float) Relu reads, and the logits
+    assert ("residual-both-inputs", "add1", "c2") in found and ("weighted-output", "conv1", "c1") in found
+    assert {a.rule for a in report.advice} == {"residual-both-inputs", "weighted-output"}
+    # quantlab's tensorrt target: no advice on either
+    for path, name in ((pm.path, "ours-enc.onnx"), (cnn, "ours-cnn.onnx")):
+        prepared = prepare_model(path)
+        ranges = compute_ranges(
+            collect_stats(prepared, [feed if "enc" in name else x]), get_calibrator("minmax"), TARGETS["tensorrt"]
+        )
+        write_qdq_model(prepared.path, ranges, TARGETS["tensorrt"], tmp_path / name)
+        report = lint_tensorrt(tmp_path / name)
+        assert report and not report.advice, report.summary()
