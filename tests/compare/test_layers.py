@@ -95,7 +95,8 @@ def test_rows_accumulation_and_determinism(tiny_pair, target):
     first = rows[0]
     assert first.accumulated_sqnr_db == pytest.approx(first.own_sqnr_db, abs=1e-9)
     add = next(r for r in rows if r.node == "add1")
-    assert add.activations == ("c2", "r1") and add.weights == ()
+    # tensorrt quantizes only the skip input of the residual Add; ort-cpu both
+    assert add.activations == (("r1",) if target == "tensorrt" else ("c2", "r1")) and add.weights == ()
     # error accumulates: downstream layers are worse in the full INT8 model than on their own
     assert all(r.accumulated_sqnr_db < r.own_sqnr_db for r in rows[1:])
     assert [r.to_dict() for r in layer_errors(fp32, models[target], feeds)] == [r.to_dict() for r in rows]
