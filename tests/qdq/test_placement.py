@@ -244,3 +244,20 @@ def test_lint_gives_fusion_advice_on_ort_placement_and_none_on_ours(encoder, tmp
         write_qdq_model(prepared.path, ranges, TARGETS["tensorrt"], tmp_path / name)
         report = lint_tensorrt(tmp_path / name)
         assert report and not report.advice, report.summary()
+
+
+def test_ort_dynamic_goes_through_compare_and_the_report(tmp_path):
+    from conftest import COMPARE_SECTION, _labelled_eval_folder, conv_net
+
+    model = save_model(conv_net(), tmp_path / "tiny.onnx")
+    folder = _labelled_eval_folder(tmp_path / "eval", model)
+    config = tmp_path / "quantlab.toml"
+    config.write_text(tiny_config_text(model, write_tiny_calib(tmp_path / "calib"), tmp_path / "reports")
+                      + COMPARE_SECTION.format(eval=folder, root=tmp_path))
+    assert main(["ptq", "--config", str(config), "--target", "all", "--calibrator", "minmax", "--no-report"]) == 0
+    assert main(["compare", "--config", str(config), "--latency-runs", "1"]) == 0
+    run = tmp_path / "reports" / "tiny"
+    engines = {e["name"]: e for e in json.loads((run / "compare.json").read_text())["engines"]}
+    assert engines["int8:dynamic.ort-dynamic"]["target"] == "ort-dynamic"
+    assert engines["int8:dynamic.ort-dynamic"]["metrics"]["top1_agreement"] >= 0.9
+    assert "int8:dynamic.ort-dynamic" in (run / "index.html").read_text()
