@@ -141,6 +141,39 @@ def peer_quantize(config, run_dir: Path) -> list[str]:
     return written, failures
 
 
+def qdq_by_consumer(path: Path) -> dict[str, int]:
+    """Quantized activation inputs per consumer op type (``op``), and quantized weights (``op (w)``)."""
+    from collections import Counter
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    counts: Counter[str] = Counter()
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for x in node.input:
+            dq = producer.get(x)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            weight = dq.input[0] in inits or (q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits)
+            counts[f"{node.op_type} (w)" if weight else node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def placement_table(run: Path, engines: list[str]) -> str:
+    """Markdown table: Q/DQ'd inputs by consumer op type for each of ``engines`` (relative model paths)."""
+    counts = {e: qdq_by_consumer(run / e) for e in engines}
+    ops = sorted({op for c in counts.values() for op in c})
+    head = "| consumer | " + " | ".join(Path(e).stem for e in engines) + " |"
+    rows = [head, "|---|" + "---:|" * len(engines)]
+    rows += [f"| {op} | " + " | ".join(str(counts[e].get(op, 0)) for e in engines) + " |" for op in ops]
+    return "\n".join(rows)
+
+
 def bench(name: str, config_path: Path, work: Path) -> tuple[str, bool, bool]:
     from quantlab.compare import run_compare
     from quantlab.config import load_config, override
@@ -169,6 +202,9 @@ def bench(name: str, config_path: Path, work: Path) -> tuple[str, bool, bool]:
     lines = [f"### {name} ({result.samples} evaluation samples, primary metric {primary})", "", result.table(), "",
              f"quantlab ptq (4 calibrators, 3 targets): {t_ql:.1f} s; ONNX Runtime quantize_static x3: {t_ort:.1f} s; "
              f"ModelOpt x2 + quantize_dynamic: {t_peers:.1f} s", *failures]
+    placed = [p for p in ("int8/minmax.tensorrt.onnx", "int8/modelopt-max.tensorrt.onnx", "int8/minmax.ort-cpu.onnx",
+                          "int8/ort-minmax.ort-cpu.onnx") if (run / p).is_file()]
+    lines += ["", "Q/DQ inputs by consumer op type ((w): weights):", "", placement_table(run, placed), ""]
     accurate = True
     for target in ("tensorrt", "ort-cpu", "ort-dynamic"):
         ours = [e for e in result.int8 if e.target == target and not peer(e)]
