@@ -204,7 +204,7 @@ def bench(name: str, config_path: Path, work: Path) -> tuple[str, bool, bool]:
              f"ModelOpt x2 + quantize_dynamic: {t_peers:.1f} s", *failures]
     placed = [p for p in ("int8/minmax.tensorrt.onnx", "int8/modelopt-max.tensorrt.onnx", "int8/minmax.ort-cpu.onnx",
                           "int8/ort-minmax.ort-cpu.onnx") if (run / p).is_file()]
-    lines += ["", "Q/DQ inputs by consumer op type ((w): weights):", "", placement_table(run, placed), ""]
+    lines += ["", "Q/DQ inputs by consumer op type ((w): constants: weights, INT32 biases):", "", placement_table(run, placed), ""]
     accurate = True
     for target in ("tensorrt", "ort-cpu", "ort-dynamic"):
         ours = [e for e in result.int8 if e.target == target and not peer(e)]
