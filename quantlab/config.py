@@ -16,7 +16,8 @@ from typing import Any
 
 from quantlab.errors import QuantlabError, check
 
-TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu")
+TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu", "ort-dynamic")
+DEFAULT_TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu")  # the static ones; "all" adds ort-dynamic
 CALIBRATOR_NAMES: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -137,7 +138,7 @@ class PtqConfig:
     """
 
     calibrators: tuple[str, ...] = CALIBRATOR_NAMES
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     percentile: float = 99.99
     out: str = "reports"
     run_name: str = ""

@@ -11,6 +11,7 @@
       model_fp32.onnx          the prepared FP32 graph everything else derives from
       model_fp16.onnx          FP16 weights and compute, FP32 inputs and outputs
       int8/<calibrator>.<target>.onnx
+      int8/dynamic.ort-dynamic.onnx  ONNX Runtime dynamic quantization (one model, no calibrator)
       trt/<calibrator>.calib.cache   legacy TensorRT calibration caches
       scales.json, scales.csv  activation ranges and deployed scales/zero-points
 """
@@ -71,6 +72,7 @@ class PtqResult:
     kept_float: dict[str, list[str]] = field(default_factory=dict)  # nodes left in float, and why
     notes: list[str] = field(default_factory=list)  # what preparation changed, artefacts not written
     latency_batch: int = 1  # the model's fixed batch size, else 1
+    said: list[str] = field(default_factory=list)  # about the run as a whole, said once
 
     def __bool__(self) -> bool:
         return all(e.ok for e in self.engines)
@@ -84,6 +86,7 @@ class PtqResult:
             "engines": [{k: v for k, v in asdict(e).items() if k != "latency_ms"} for e in self.engines],
             "kept_float": self.kept_float,
             "preparation": self.notes,
+            "notes": self.said,
         }
 
     def __str__(self) -> str:
@@ -118,6 +121,7 @@ class PtqResult:
                 out.append(f"kept in float for {target}: '{node}' (ONNX Runtime's quantizer fails on it: {why})")
         for note in self.notes:
             out.append(f"prepared: {note}")
+        out.extend(self.said)
         out.append(f"run folder: {self.run_dir}")
         return "\n".join(out)
 
@@ -261,9 +265,9 @@ def run_ptq(
 
     from quantlab.calibrators import get_calibrator
     from quantlab.collect import ort_session
-    from quantlab.qdq.lint import lint_tensorrt
     from quantlab.qdq.targets import (
-        TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes, plan_rewrite, read_quant_params,
+        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes,
+        placement_for, plan_rewrite, read_quant_params, write_dynamic_model,
     )
     from quantlab.trtcache import format_calibration_cache
 
@@ -278,6 +282,9 @@ def run_ptq(
     unknown = [n for n in config.ptq.exclude if n not in named]
     check(not unknown, f"ptq.exclude names {unknown[:3]}, not node(s) of the model: use node names as the model shows them "
                        "(e.g. in Netron, or the per-layer table of quantlab compare)")
+    for tname in config.ptq.targets:  # a target with nothing to quantize stops here, before any inference
+        if tname in TARGETS:
+            placement_for(fp32_model, TARGETS[tname], config.ptq.exclude)
     t0 = time.perf_counter()
     if stats is None:
         with stage("statistics", f"running '{source.name}' in ONNX Runtime on the calibration data",
@@ -306,6 +313,13 @@ def run_ptq(
     fills = fill_value_tensors(stats)
     kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills))),
                   "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
+    static_targets = [t for t in config.ptq.targets if t != DYNAMIC_TARGET]
+    said: list[str] = []
+    if DYNAMIC_TARGET in config.ptq.targets:
+        said.append(
+            f"{DYNAMIC_TARGET}: activations are quantized at run time, so the calibrators "
+            f"({', '.join(calibrators)}) make no difference to it; one model: int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+        )
     rewrites: dict[str, QdqRewrite | None] = {}
     quantizer_failures: dict[str, dict[str, str]] = {}  # target -> node ONNX Runtime's quantizer failed on -> why
     artefacts: list[Artefact] = []
@@ -327,7 +341,7 @@ def run_ptq(
         seconds["fp16"] = time.perf_counter() - t0
         for cname, calibrator in calibrators.items():
             by_target: dict[str, dict] = {}
-            for tname in config.ptq.targets:
+            for tname in static_targets:
                 t0 = time.perf_counter()
                 target = TARGETS[tname]
                 ranges = by_target[tname] = compute_ranges(stats, calibrator, target)
@@ -344,28 +358,16 @@ def run_ptq(
                         data = (tmp / rel).read_bytes()
                         qmodel = onnx.load_model_from_string(data)
                         if len(calibrators) > 1 and tname not in rewrites:
-                            rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, target)
+                            rewrites[tname] = plan_rewrite(
+                                fp32_model, qmodel, ranges, target, sorted({*kept_float["nodes"], *failed})
+                            )
                     else:
                         data = qmodel.SerializeToString()
                         (tmp / rel).write_bytes(data)
                 seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
                 artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
                 t0 = time.perf_counter()
-                with stage("check", f"checking the {cname}.{tname} INT8 model (onnx.checker, ONNX Runtime)",
-                           "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
-                    onnx.checker.check_model(data)
-                    session = ort_session(str(tmp / rel), level="all")
-                    cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
-                rules = "n/a"
-                if tname == "tensorrt":
-                    report = lint_tensorrt(qmodel)
-                    rules = "pass" if report else "fail: " + ", ".join(sorted({i.rule for i in report.issues}))
-                ops = [n.op_type for n in qmodel.graph.node]
-                engines.append(EngineSummary(
-                    cname, tname, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules,
-                    cosine, sqnr, top1,
-                    _latency_ms(session, feed, config.ptq.latency_runs, batch) if tname == "ort-cpu" else None,
-                ))
+                engines.append(_check_engine(cname, tname, rel, tmp, data, qmodel, reference, feed, config, batch))
                 deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
                 seconds[f"checks:{cname}:{tname}"] = time.perf_counter() - t0
                 for tensor, r in sorted(ranges.items()):
@@ -391,6 +393,19 @@ def run_ptq(
             rel = f"trt/{cname}.calib.cache"
             write_text(tmp / rel, format_calibration_cache(amaxes))
             artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
+        if DYNAMIC_TARGET in config.ptq.targets:
+            t0 = time.perf_counter()
+            rel = f"int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+            with stage("quantize", f"ONNX Runtime's quantize_dynamic for target {DYNAMIC_TARGET}",
+                       "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+                write_dynamic_model(prepared.path, tmp / rel, exclude=kept_float["nodes"])
+            data = (tmp / rel).read_bytes()
+            artefacts.append(Artefact(rel, "model-int8-dynamic", DYNAMIC_CALIBRATOR, DYNAMIC_TARGET))
+            engines.append(_check_engine(
+                DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, rel, tmp, data, onnx.load_model_from_string(data), reference, feed,
+                config, batch,
+            ))
+            seconds[f"dynamic:{DYNAMIC_TARGET}"] = time.perf_counter() - t0
         write_text(tmp / "scales.json", dumps_json(scale_rows))
         artefacts.append(Artefact("scales.json", "scale-table"))
         header = ["tensor", "kind", "calibrator", "target", "dtype", "amax", "min", "max", "channel", "scale", "zero_point"]
@@ -411,7 +426,7 @@ def run_ptq(
             kept_float["quantizer_failed"] = failures
         result = PtqResult(
             run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds, kept_float, notes, batch,
+            fp32_latency, seconds, kept_float, notes, batch, said,
         )
         write_text(tmp / "summary.json", dumps_json(result.to_dict()))
         artefacts.append(Artefact("summary.json", "summary"))
@@ -435,6 +450,33 @@ def run_ptq(
         write_report_files(run_dir)  # index.html, summary.md, report.json: views of the files above
         seconds["report"] = time.perf_counter() - t0
     return result
+
+
+def _check_engine(
+    calibrator: str, target: str, rel: str, tmp: Path, data: bytes, qmodel: Any, reference: np.ndarray,
+    feed: dict[str, np.ndarray], config: Config, batch: int,
+) -> EngineSummary:
+    """Check one INT8 model as written: ``onnx.checker``, an ONNX Runtime session, agreement with FP32 on
+    the first calibration batch, TensorRT's rules for ``tensorrt``, latency for the CPU targets."""
+    import onnx
+
+    from quantlab.collect import ort_session
+    from quantlab.qdq.lint import lint_tensorrt
+
+    with stage("check", f"checking the {calibrator}.{target} INT8 model (onnx.checker, ONNX Runtime)",
+               "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+        onnx.checker.check_model(data)
+        session = ort_session(str(tmp / rel), level="all")
+        cosine, sqnr, top1 = _agreement(reference, session.run(None, feed)[0])
+    rules = "n/a"
+    if target == "tensorrt":
+        report = lint_tensorrt(qmodel)
+        rules = "pass" if report else "fail: " + ", ".join(sorted({i.rule for i in report.issues}))
+    ops = [n.op_type for n in qmodel.graph.node]
+    return EngineSummary(
+        calibrator, target, rel, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), rules, cosine, sqnr, top1,
+        _latency_ms(session, feed, config.ptq.latency_runs, batch) if target != "tensorrt" else None,
+    )
 
 
 def config_dict(config: Config) -> dict[str, Any]:

@@ -188,7 +188,10 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
     final: EngineResult | None = best if passing else None
 
     if final is None:
-        if config.tune.max_float_layers > 0:
+        if best.target == "ort-dynamic":
+            rungs.append(Rung("partial", "skipped", primary,
+                              detail="ort-dynamic has no Q/DQ to keep in float: set tune.target = \"ort-cpu\" for partial quantization"))
+        elif config.tune.max_float_layers > 0:
             rung, partial = partial_quantization(ev, best, config.tune.max_float_layers,
                                                  out=run / "int8" / f"partial.{best.target}.onnx")
             rungs.append(rung)
@@ -233,7 +236,8 @@ def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, prog
     t0 = time.perf_counter()
     primary = ev.primary
     stats = StatsSet.load(run / "stats.npz")
-    amax = activation_amax(stats, get_calibrator(best.calibrator, percentile=config.ptq.percentile))
+    calibrator = best.calibrator if best.calibrator in config.ptq.calibrators else config.ptq.calibrators[0]
+    amax = activation_amax(stats, get_calibrator(calibrator, percentile=config.ptq.percentile))
     rel = "int8/qat.tensorrt.onnx"
     history: list[EngineResult] = []
 
@@ -251,7 +255,7 @@ def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, prog
     status = "pass" if final.tolerance_ok else "fail"
     per_epoch = ", ".join("-" if m is None else f"{m:.4f}" for m in qat.metrics)
     detail = (f"{qat.epochs} epoch(s), {qat.steps} steps on {qat.device}, loss {qat.loss}, ranges from "
-              f"{best.calibrator} ({qat.mapped} of {qat.quantizers} quantizers mapped); {primary} per epoch: "
+              f"{calibrator} ({qat.mapped} of {qat.quantizers} quantizers mapped); {primary} per epoch: "
               f"{per_epoch}; TensorRT rules: {qat.tensorrt_rules}; {_summary(final)}")
     rung = Rung("qat", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name, detail,
                 seconds=time.perf_counter() - t0)
@@ -266,7 +270,8 @@ def _write(run: Path, result: TuneResult, compare: CompareResult) -> None:
     write_text(tmp, dumps_json(result.to_dict()))
     tmp.replace(run / "tune.json")
     listed = {a["path"] for a in read_manifest(run).get("artefacts", [])}
-    new = [Artefact(e.path, "model-int8-qdq", e.calibrator, e.target) for e in compare.int8
+    new = [Artefact(e.path, "model-int8-dynamic" if e.target == "ort-dynamic" else "model-int8-qdq", e.calibrator, e.target)
+           for e in compare.int8
            if e.path not in listed and (run / e.path).is_file()]
     update_manifest(run, [*new, Artefact("tune.json", "tune")])
     write_results(compare)

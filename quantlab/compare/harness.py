@@ -80,7 +80,7 @@ def engines_of_run(run_dir: Path, manifest: dict[str, Any] | None = None) -> lis
             engines.insert(0, EngineSpec("fp32", "fp32", a["path"]))
         elif kind == "model-fp16":
             engines.append(EngineSpec("fp16", "fp16", a["path"]))
-        elif kind == "model-int8-qdq":
+        elif kind in ("model-int8-qdq", "model-int8-dynamic"):
             name = f"int8:{a['calibrator']}.{a['target']}"
             int8.append(EngineSpec(name, "int8", a["path"], a["calibrator"], a["target"]))
     check(

@@ -104,6 +104,7 @@ class LintReport:
 
     issues: tuple[LintIssue, ...] = ()
     qdq_nodes: int = 0
+    advice: tuple[Any, ...] = ()  # quantlab.qdq.fusion.FusionAdvice: valid, but TensorRT will not fuse there
 
     def __bool__(self) -> bool:
         return not self.issues
@@ -117,10 +118,15 @@ class LintReport:
         """A readable multi-line text: a verdict line, then one line per issue."""
         checked = f"{self.qdq_nodes} QuantizeLinear/DequantizeLinear nodes"
         if not self.issues:
-            return f"TensorRT Q/DQ lint: passed ({checked} checked)"
-        count = len(self.issues)
-        lines = [f"TensorRT Q/DQ lint: {count} issue{'s' if count != 1 else ''} ({checked})"]
-        lines.extend(f"  {issue}" for issue in self.issues)
+            lines = [f"TensorRT Q/DQ lint: passed ({checked} checked)"]
+        else:
+            count = len(self.issues)
+            lines = [f"TensorRT Q/DQ lint: {count} issue{'s' if count != 1 else ''} ({checked})"]
+            lines.extend(f"  {issue}" for issue in self.issues)
+        if self.advice:
+            count = len(self.advice)
+            lines.append(f"fusion advice: {count} place{'s' if count != 1 else ''} TensorRT will not fuse")
+            lines.extend(f"  {advice}" for advice in self.advice)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -132,6 +138,7 @@ class LintReport:
             "passed": bool(self),
             "qdq_nodes": self.qdq_nodes,
             "issues": [asdict(issue) for issue in self.issues],
+            "advice": [asdict(advice) for advice in self.advice],
         }
 
 
@@ -567,4 +574,10 @@ def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> LintReport
     >>> bool(report), report.rules
     (False, ('no-qdq',))
     """
-    return _Linter(_load(model)).run()
+    from dataclasses import replace
+
+    from quantlab.qdq.fusion import fusion_advice
+
+    loaded = _load(model)
+    report = _Linter(loaded).run()
+    return replace(report, advice=fusion_advice(loaded))

@@ -5,12 +5,13 @@ rewriter (``quantize_static`` with a precomputed range cache), which places the 
 
 ``tensorrt``
     Signed INT8, symmetric, zero-point 0 everywhere; weights per channel on the output-channel axis
-    in [-127, 127]; scale ``amax / 127``; no INT32 bias quantization; Q/DQ only on the *inputs* of
-    Conv, ConvTranspose, Gemm, MatMul, Add, Concat and pooling (TensorRT's recommended placement:
-    it fuses the rest).
+    in [-127, 127]; scale ``amax / 127``; no INT32 bias quantization; Q/DQ where TensorRT fuses
+    them: the inputs of weighted layers, the skip input of residual adds, pooling and Concat where
+    INT8 flows through them (:mod:`quantlab.qdq.placement`).
 ``ort-cpu``
     U8 activations with zero-points (``s = (hi - lo) / 255``, ``zp = round(-lo / s)``), S8 symmetric
-    per-channel weights, INT32 biases: the combination ONNX Runtime's CPU kernels (VNNI) run fastest.
+    per-channel weights, INT32 biases: the combination ONNX Runtime's CPU kernels (VNNI) run fastest;
+    weighted layers always, other ops where INT8 reaches them (:mod:`quantlab.qdq.placement`).
 
 A zero range never yields a zero scale: an all-zero tensor gets the range [-1, 1] (symmetric) or
 [0, 1] (asymmetric); any scale represents 0 exactly.
@@ -42,10 +43,9 @@ import numpy as np
 import onnx
 
 from quantlab.calibrators import Calibrator, asymmetric_range
+from quantlab.errors import QuantlabError
+from quantlab.qdq.placement import Placement, plan_placement, release_float_inputs
 from quantlab.stats import StatsSet
-
-_TRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
-
 
 @dataclass(frozen=True)
 class Target:
@@ -53,7 +53,6 @@ class Target:
 
     name: str
     symmetric: bool
-    op_types: tuple[str, ...] | None
     quantize_bias: bool
     description: str
 
@@ -63,8 +62,8 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "tensorrt": Target("tensorrt", True, _TRT_OPS, False, "S8 symmetric activations and weights, for TensorRT"),
-    "ort-cpu": Target("ort-cpu", False, None, True, "U8 asymmetric activations, S8 per-channel weights, for ONNX Runtime CPU"),
+    "tensorrt": Target("tensorrt", True, False, "S8 symmetric activations and weights, for TensorRT"),
+    "ort-cpu": Target("ort-cpu", False, True, "U8 asymmetric activations, S8 per-channel weights, for ONNX Runtime CPU"),
 }
 
 
@@ -135,21 +134,20 @@ def write_qdq_model(
 ) -> None:
     """Write the Q/DQ model of ``target`` with the given activation ranges to ``out``.
 
-    ``exclude`` names nodes left in float (ONNX Runtime's ``nodes_to_exclude``).
+    The nodes quantized are those of :func:`~quantlab.qdq.placement.plan_placement`; ``exclude``
+    names nodes left in float.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    placement = placement_for(onnx.load(str(model_path)), target, exclude)
     extra: dict[str, object] = {"ActivationSymmetric": target.symmetric, "WeightSymmetric": True}
-    kwargs: dict[str, object] = {}
-    if target.op_types is not None:
-        kwargs["op_types_to_quantize"] = list(target.op_types)
-        extra["OpTypesToExcludeOutputQuantization"] = list(target.op_types)
+    kwargs: dict[str, object] = {
+        "op_types_to_quantize": list(placement.op_types), "nodes_to_quantize": list(placement.nodes),
+    }
+    extra["OpTypesToExcludeOutputQuantization"] = list(placement.exclude_output)
     if not target.quantize_bias:
         extra["QuantizeBias"] = False
-    exclude = sorted(exclude)
-    if exclude:
-        kwargs["nodes_to_exclude"] = exclude
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         cache = Path(tmp) / "ranges.json"
@@ -176,8 +174,69 @@ def write_qdq_model(
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
+        model = onnx.load(str(dst))
+        release_float_inputs(model, placement)
+        onnx.save(model, str(dst))
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(dst, out)
+
+
+DYNAMIC_TARGET = "ort-dynamic"
+DYNAMIC_CALIBRATOR = "dynamic"  # the label of the one ort-dynamic model a run writes: no calibrator sets it
+
+
+def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterable[str] = ()) -> None:
+    """Write the ``ort-dynamic`` model: ONNX Runtime's dynamic quantization (``quantize_dynamic``).
+
+    Weights are S8 symmetric per output channel, stored as INT8; activations are quantized at run
+    time, per tensor and per batch, from their actual min and max (``DynamicQuantizeLinear``: U8,
+    ``s = (max(x, 0) - min(x, 0)) / 255``), so no calibration range is involved and every
+    calibrator gives the same model.  ``exclude`` names nodes left in float.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(model_path))
+    inits, excluded = {i.name for i in model.graph.initializer}, set(exclude)
+    weighted = [
+        n.name for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in excluded and any(i in inits for i in n.input[:2])
+    ]
+    if not weighted:
+        raise QuantlabError(
+            f"target {DYNAMIC_TARGET} quantizes Conv, Gemm and MatMul nodes with constant weights, and the model has none "
+            "(or all are kept in float): pass a model with weighted layers, or drop them from [ptq] exclude"
+        )
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
+        dst = Path(tmp) / "model.onnx"
+        quiet = logging.getLogger("root"), logging.getLogger()
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(
+                    str(model_path), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=sorted(exclude) or None,
+                )
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(dst, out)
+
+
+def placement_for(model: onnx.ModelProto, target: Target, exclude: Iterable[str] = ()) -> Placement:
+    """Where ``target`` puts Q/DQ in ``model``; a one-line error when it quantizes nothing there."""
+    placement = plan_placement(model, target.name, exclude)
+    if not placement:
+        raise QuantlabError(
+            f"target {target.name} quantizes the activation inputs of Conv, ConvTranspose, Gemm and MatMul nodes, "
+            "and the model has none that reads an activation (or all are kept in float): pass a model with weighted "
+            "layers, or drop them from [ptq] exclude"
+        )
+    return placement
 
 
 @dataclass(frozen=True)
@@ -239,15 +298,9 @@ def _activation_qtype(target: Target) -> int:
     return onnx.TensorProto.INT8 if target.symmetric else onnx.TensorProto.UINT8
 
 
-def _quantized_op_types(target: Target) -> set[str]:
-    """The op types ``quantize_static`` quantizes for ``target`` (all it knows when none are named)."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    ops = set(target.op_types) if target.op_types is not None else set(QLinearOpsRegistry) | set(QDQRegistry)
-    return ops - set(_QDQ_OPS)
-
-
-def ort_tensor_ranges(fp32: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target) -> dict[str, Any] | None:
+def ort_tensor_ranges(
+    fp32: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target, placement: Placement
+) -> dict[str, Any] | None:
     """The range (a ``TensorData``) ONNX Runtime quantizes each activation with; ``None`` if it would fail.
 
     The ranges are read back from the JSON of the calibration cache, as ``quantize_static`` reads
@@ -259,10 +312,10 @@ def ort_tensor_ranges(fp32: onnx.ModelProto, ranges: dict[str, TensorRange], tar
 
     cache = json.loads(json.dumps(_tensors_data(ranges).to_dict(), cls=CalibrationCacheEncoder))
     read = dict(TensorsData.from_dict(cache).items())
-    ops = _quantized_op_types(target)
+    quantized = set(placement.nodes)
     readers = Counter(name for node in fp32.graph.node for name in node.input if name)
     for node in fp32.graph.node:
-        if node.op_type not in ops:
+        if node.name not in quantized:
             continue
         if node.op_type in ("Clip", "Relu"):
             x, y = node.input[0], node.output[0]
@@ -391,8 +444,9 @@ class QdqRewrite:
 
     def __init__(
         self, fp32: onnx.ModelProto, base: onnx.ModelProto, target: Target, keys: set[str], tensors: list[str],
-        linked: list[_Linked],
+        linked: list[_Linked], placement: Placement,
     ) -> None:
+        self._placement = placement
         self._fp32 = fp32
         self._base = base
         self._target = target
@@ -411,7 +465,7 @@ class QdqRewrite:
 
         if set(ranges) != self._keys:
             return None
-        read = ort_tensor_ranges(self._fp32, ranges, self._target)
+        read = ort_tensor_ranges(self._fp32, ranges, self._target, self._placement)
         if read is None or any(t not in read for t in self._tensors) or any(k.input not in read for k in self._linked):
             return None
         qtype = _activation_qtype(self._target)
@@ -453,9 +507,12 @@ class QdqRewrite:
 
 
 def plan_rewrite(
-    fp32: onnx.ModelProto, base: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target
+    fp32: onnx.ModelProto, base: onnx.ModelProto, ranges: dict[str, TensorRange], target: Target,
+    exclude: Iterable[str] = (),
 ) -> QdqRewrite | None:
     """Map the range-dependent initializers of ``base``, the model ``write_qdq_model`` wrote for ``ranges``.
+
+    ``exclude`` is what ``write_qdq_model`` was given.
 
     Activations: every Q/DQ node of a tensor reads ``<t>_scale`` and ``<t>_zero_point`` (``t`` the
     tensor whose range sets them; a tensor sharing its input's parameters reads the input's), used
@@ -511,16 +568,17 @@ def plan_rewrite(
             if name in params and not (node.op_type in _QDQ_OPS and i in (1, 2) and node.input[0] not in inits):
                 return None
 
-    read = ort_tensor_ranges(fp32, ranges, target)
+    placement = placement_for(fp32, target, exclude)
+    read = ort_tensor_ranges(fp32, ranges, target, placement)
     if read is None:
         return None
     linked: list[_Linked] = []
     used_biases: set[str] = set()
-    ops = _quantized_op_types(target)
+    quantized = set(placement.nodes)
     for original in fp32.graph.node:
-        if original.op_type in _NORM_OPS and original.op_type in ops:
+        if original.op_type in _NORM_OPS and original.name in quantized:
             return None  # ONNX Runtime quantizes their bias too
-        if original.op_type not in _BIAS_OPS or original.op_type not in ops or len(original.input) < 3:
+        if original.op_type not in _BIAS_OPS or original.name not in quantized or len(original.input) < 3:
             continue
         x, w, b = original.input[:3]
         source = fp32_inits.get(b)
@@ -561,7 +619,7 @@ def plan_rewrite(
         linked.append(_Linked(x, weight, axis, zero, scale, b, bias, beta, bias_input_scale))
     if used_biases != set(biases):
         return None
-    rewrite = QdqRewrite(fp32, base, target, set(ranges), sorted(tensors), linked)
+    rewrite = QdqRewrite(fp32, base, target, set(ranges), sorted(tensors), linked, placement)
     values = rewrite.initializers(ranges)
     if values is None or any(values[n].SerializeToString() != inits[n].SerializeToString() for n in values):
         return None

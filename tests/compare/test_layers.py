@@ -90,12 +90,13 @@ def test_own_error_of_a_conv_matches_numpy(tiny_pair, target):
 def test_rows_accumulation_and_determinism(tiny_pair, target):
     fp32, models, feeds = tiny_pair
     rows = layer_errors(fp32, models[target], feeds)
-    expected = ["conv1", "conv2", "add1", "gap", "fc"] if target == "tensorrt" else ["conv1", "conv2", "add1", "gap", "flatten", "fc"]
+    expected = ["conv1", "conv2", "add1", "fc"] if target == "tensorrt" else ["conv1", "conv2", "add1", "gap", "flatten", "fc"]
     assert [r.node for r in rows] == expected
     first = rows[0]
     assert first.accumulated_sqnr_db == pytest.approx(first.own_sqnr_db, abs=1e-9)
     add = next(r for r in rows if r.node == "add1")
-    assert add.activations == ("c2", "r1") and add.weights == ()
+    # tensorrt quantizes only the skip input of the residual Add; ort-cpu both
+    assert add.activations == (("r1",) if target == "tensorrt" else ("c2", "r1")) and add.weights == ()
     # error accumulates: downstream layers are worse in the full INT8 model than on their own
     assert all(r.accumulated_sqnr_db < r.own_sqnr_db for r in rows[1:])
     assert [r.to_dict() for r in layer_errors(fp32, models[target], feeds)] == [r.to_dict() for r in rows]
@@ -246,7 +247,7 @@ def test_efficientnet_lite0_subgraphs_equal_full_reruns(tmp_path_factory):
     for target in ("tensorrt", "ort-cpu"):
         q = onnx.load(str(run / f"int8/minmax.{target}.onnx"))
         names = [r.node for r in layer_errors(fp32, q, feeds)]
-        assert len(names) >= 60
+        assert len(names) >= 59  # 49 convolutions, the classifier and 9 residual adds
         few = [names[0], names[len(names) // 2], names[-1]]
         fast = sensitivity(fp32, q, feeds, score, layers=few)
         full = sensitivity(fp32, q, feeds, score, layers=few, method="full")

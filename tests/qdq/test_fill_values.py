@@ -85,12 +85,14 @@ def test_keeping_them_float_saves_the_attention(attention, target):
 
     kept = float_nodes(onnx.load(str(pm.path)), fill_value_tensors(stats))
     good, model = cosine(kept)
-    bad, _ = cosine([])
     assert good > 0.99
-    if target == "ort-cpu":  # U8 over [-3.4e38, max]: every score lands on the zero point
-        assert bad < 0.95
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert not quantized & {"mask", "masked"}
+    # the placement alone leaves the masked Add and the Softmax in float (they are not weighted layers and
+    # the mask is not INT8), so the scores survive even without the exclusion
+    alone, model = cosine([])
+    assert alone > 0.99
+    assert not {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"} & {"mask", "masked"}
 
 
 def test_ptq_reports_kept_nodes_and_checks_exclude(tmp_path, capsys):

@@ -484,7 +484,7 @@ def test_report_text_and_json() -> None:
         "tensor": "x_zp",
         "message": report.issues[1].message,
     }
-    assert LintReport().to_dict() == {"passed": True, "qdq_nodes": 0, "issues": []}
+    assert LintReport().to_dict() == {"passed": True, "qdq_nodes": 0, "issues": [], "advice": []}
     assert str(LintIssue("opset", "", "", "m")) == "[opset] m"
 
 
