@@ -238,9 +238,10 @@ class TuneConfig:
     """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
 
     ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
-    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` runs
-    quantization-aware training when the config names a PyTorch model, ``"on"`` requires it (an
-    error without one), ``"off"`` stops the ladder before it.
+    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` and ``"on"``
+    run quantization-aware training when the earlier rungs miss the tolerance (the PyTorch model when
+    the config names one, else the prepared ONNX graph converted to PyTorch), ``"off"`` stops the
+    ladder before it.
     """
 
     target: str = "ort-cpu"

@@ -461,8 +461,8 @@ def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train:
         proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
         onnx.save(proto, str(path))
 
-    n = len(quant.activations) + len(quant.weights)
-    return _Student(model, teacher, names, n, n - len(quant.fallback), sorted(quant.fallback), export, "onnx",
+    n = len(quant.activations)  # activation quantizers, as the pytorch source counts them
+    return _Student(model, teacher, names, n, len(quant.mapped), sorted(quant.fallback), export, "onnx",
                     {"cosine": round(worst_cos, 8), "max_abs": float(f"{worst_abs:.4g}")})
 
 
