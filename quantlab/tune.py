@@ -166,6 +166,10 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
         f"tune.target '{config.tune.target}' is not among ptq.targets ({', '.join(config.ptq.targets)}): add it",
     )
     qat_mode = config.tune.qat
+    if qat_mode != "off":
+        from quantlab.qat.train import qat_source
+
+        qat_source(config)  # a QAT source the config cannot give: say so before anything runs
     ptq = run_ptq(override(config, "ptq", report=False), progress=progress)  # the report comes at the end
     run = ptq.run_dir
     ev = Evaluator(config, run)
