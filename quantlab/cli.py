@@ -121,6 +121,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result else 1
 
 
+def _qat_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="QAT", unit="step", file=sys.stderr, leave=False)
+
+
+def _epoch_line(report) -> None:
+    metric = "-" if report.metric is None else f"{report.metric:.4f}"
+    best = " (best so far)" if report.best else ""
+    print(f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.5g}, metric {metric}{best}, "
+          f"{report.seconds:.1f} s", flush=True)
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    from quantlab.qat.run import qat_run
+
+    config = override(_config(args), "qat", epochs=args.epochs, device=args.device, source=args.source, lr=args.lr)
+    if args.calibrator is not None:
+        check(args.calibrator in CALIBRATOR_NAMES,
+              f"unknown calibrator '{args.calibrator}': choose one of {', '.join(CALIBRATOR_NAMES)}")
+    result = qat_run(config, args.run, calibrator=args.calibrator, progress=_qat_bar, on_epoch=_epoch_line)
+    print(result)
+    return 0 if result else 1
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from quantlab.gate import run_gate
 
@@ -189,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="PTQ, compare, then escalate (partial quantization, QAT) until the tolerance holds")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
     p.set_defaults(func=cmd_tune, model=None)
+    p = sub.add_parser("qat", help="quantization-aware training from a PTQ run's ranges; exit 0 tolerance met, 1 not, 2 user error")
+    p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
+    p.add_argument("--run", help="run folder written by quantlab ptq (default: the config's run folder)")
+    p.add_argument("--epochs", type=int, help="at most this many epochs (default: [qat] epochs)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: [qat] device)")
+    p.add_argument("--calibrator", help=f"whose ranges to start from: one of {', '.join(CALIBRATOR_NAMES)} "
+                   "(default: the best tensorrt engine of compare.json, else the first configured)")
+    p.add_argument("--source", choices=["auto", "pytorch", "onnx"], help="train the PyTorch model or the converted ONNX graph")
+    p.add_argument("--lr", type=float, help="learning rate at the start of the cosine schedule (default: [qat] lr)")
+    p.set_defaults(func=cmd_qat, model=None)
     p = sub.add_parser("gate", help="CI accuracy gate: tolerance and baseline; exit 0 pass, 1 fail, 2 user error")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")
     p.add_argument("--baseline", help="baseline JSON (default: [gate] baseline)")

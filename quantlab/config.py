@@ -238,9 +238,10 @@ class TuneConfig:
     """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
 
     ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
-    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` runs
-    quantization-aware training when the config names a PyTorch model, ``"on"`` requires it (an
-    error without one), ``"off"`` stops the ladder before it.
+    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` and ``"on"``
+    run quantization-aware training when the earlier rungs miss the tolerance (the PyTorch model when
+    the config names one, else the prepared ONNX graph converted to PyTorch), ``"off"`` stops the
+    ladder before it.
     """
 
     target: str = "ort-cpu"
@@ -283,6 +284,11 @@ class QatConfig:
     (mean squared error against the FP32 model's outputs, no labels needed) or ``auto`` (labels
     when the batches have them).  ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     ``calib_batches`` batches calibrate the quantizers quantlab's ranges do not cover.
+    ``source``: which network trains: ``pytorch`` (``[model] pytorch``, modelopt's quantized
+    modules), ``onnx`` (the prepared FP32 ONNX converted to PyTorch, quantizers where quantlab's
+    ``tensorrt`` model has Q/DQ) or ``auto`` (``pytorch`` when the config names a factory).
+    ``optimizer``: ``sgd`` (with ``momentum``) or ``adam``.  ``patience``: stop after that many
+    evaluated epochs without a better metric (0: never; a plateau).
     """
 
     epochs: int = 1
@@ -295,6 +301,9 @@ class QatConfig:
     data: str | None = None
     seed: int = 0
     calib_batches: int = 2
+    source: str = "auto"
+    optimizer: str = "sgd"
+    patience: int = 3
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"qat.epochs must be >= 1, got {self.epochs}")
@@ -305,6 +314,9 @@ class QatConfig:
         _one_of(self.device, ("auto", "cpu", "cuda"), "qat.device")
         _one_of(self.loss, ("auto", "labels", "distill"), "qat.loss")
         check(self.calib_batches >= 1, f"qat.calib_batches must be >= 1, got {self.calib_batches}")
+        _one_of(self.source, ("auto", "pytorch", "onnx"), "qat.source")
+        _one_of(self.optimizer, ("sgd", "adam"), "qat.optimizer")
+        check(self.patience >= 0, f"qat.patience must be >= 0 (0: no plateau stop), got {self.patience}")
 
 
 @dataclass(frozen=True)

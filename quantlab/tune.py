@@ -12,7 +12,8 @@ The ladder follows Wu et al. 2020 (arXiv 2004.09602) and NNCF's accuracy control
    each step costs one evaluation, not a new quantization.
 3. **quantization-aware training** through nvidia-modelopt (:mod:`quantlab.qat`), initialised from
    the best calibrator's ranges, evaluated by the same harness after each epoch, stopping early
-   once the tolerance holds.
+   once the tolerance holds or on a plateau; a model that exists only as ONNX trains as its
+   prepared graph converted to PyTorch (:mod:`quantlab.qat.convert`).
 
 Each rung is recorded in ``tune.json`` (and the run's report) with its metric and result; the run
 stops at the first rung that meets the tolerance, or says which rung failed and why.
@@ -165,10 +166,10 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
         f"tune.target '{config.tune.target}' is not among ptq.targets ({', '.join(config.ptq.targets)}): add it",
     )
     qat_mode = config.tune.qat
-    check(
-        not (qat_mode == "on" and not config.model.pytorch),
-        "QAT needs the PyTorch model: set [model] pytorch = 'module:factory' (or tune.qat = \"auto\")",
-    )
+    if qat_mode != "off":
+        from quantlab.qat.train import qat_source
+
+        qat_source(config)  # a QAT source the config cannot give: say so before anything runs
     ptq = run_ptq(override(config, "ptq", report=False), progress=progress)  # the report comes at the end
     run = ptq.run_dir
     ev = Evaluator(config, run)
@@ -205,9 +206,6 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
     if final is None:
         if qat_mode == "off":
             rungs.append(Rung("qat", "skipped", primary, detail="tune.qat = \"off\""))
-        elif not config.model.pytorch:
-            rungs.append(Rung("qat", "skipped", primary,
-                              detail="QAT needs the PyTorch model: set [model] pytorch = 'module:factory'"))
         else:
             rung, qat_engine = _qat_rung(config, ev, best, run, progress)
             rungs.append(rung)
@@ -227,36 +225,25 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
 
 
 def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, progress: Any) -> tuple[Rung, EngineResult | None]:
-    """Fine-tune with fake quantizers initialised from ``best``'s calibrator, judged by the same harness."""
-    from quantlab.calibrators import get_calibrator
-    from quantlab.compare.tolerance import evaluate as judge
-    from quantlab.qat import activation_amax, run_qat
-    from quantlab.stats import StatsSet
+    """Fine-tune with fake quantizers initialised from ``best``'s calibrator, judged by the same harness
+    (:func:`quantlab.qat.run.qat_run`; a model without a PyTorch factory trains as its converted ONNX graph)."""
+    from quantlab.qat.run import qat_run
 
     t0 = time.perf_counter()
     primary = ev.primary
-    stats = StatsSet.load(run / "stats.npz")
     calibrator = best.calibrator if best.calibrator in config.ptq.calibrators else config.ptq.calibrators[0]
-    amax = activation_amax(stats, get_calibrator(calibrator, percentile=config.ptq.percentile))
-    rel = "int8/qat.tensorrt.onnx"
-    history: list[EngineResult] = []
-
-    def evaluate(path: Path) -> float:
-        e = ev.evaluate(EngineSpec("qat-epoch", "int8", str(path)), latency=False)
-        history.append(e)
-        v = e.metrics.get(primary)
-        return float("nan") if v is None else float(v)
-
-    def good_enough(_: float) -> bool:
-        return bool(history) and not judge(ev.tolerance, history[-1].metrics, ev.fp32.metrics)
-
-    qat = run_qat(config, amax=amax, out=run / rel, evaluate=evaluate, good_enough=good_enough, progress=progress)
-    final = ev.evaluate(EngineSpec("int8:qat.tensorrt", "int8", rel, "qat", "tensorrt"))
+    result = qat_run(config, run, calibrator=calibrator, evaluator=ev, progress=progress)
+    qat, final = result.qat, result.final
     status = "pass" if final.tolerance_ok else "fail"
     per_epoch = ", ".join("-" if m is None else f"{m:.4f}" for m in qat.metrics)
-    detail = (f"{qat.epochs} epoch(s), {qat.steps} steps on {qat.device}, loss {qat.loss}, ranges from "
-              f"{calibrator} ({qat.mapped} of {qat.quantizers} quantizers mapped); {primary} per epoch: "
-              f"{per_epoch}; TensorRT rules: {qat.tensorrt_rules}; {_summary(final)}")
+    minutes = sum(qat.epoch_seconds) / 60
+    detail = (f"{qat.epochs} epoch(s), {qat.steps} steps on {qat.device} ({qat.source} graph, {minutes:.1f} min, "
+              f"stopped: {qat.stop}), loss {qat.loss}, ranges from {calibrator} ({qat.mapped} of {qat.quantizers} "
+              f"quantizers mapped); {primary} per epoch: {per_epoch}, epoch {qat.best_epoch} kept; "
+              f"TensorRT rules: {qat.tensorrt_rules}; {_summary(final)}")
+    if qat.device == "cpu":
+        detail += (f"; {qat.seconds.get('train_step', 0.0):.1f} s per step on the CPU: a GPU runs a step in well under "
+                   "a second (see the README's QAT section)")
     rung = Rung("qat", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name, detail,
                 seconds=time.perf_counter() - t0)
     return rung, final

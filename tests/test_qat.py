@@ -193,7 +193,7 @@ def test_labels_loss_needs_labels(tmp_path):
 
 
 def test_qat_needs_a_pytorch_model(tmp_path, tiny_model):
-    config = Config(model=ModelConfig(onnx=str(tiny_model)))
+    config = Config(model=ModelConfig(onnx=str(tiny_model)), qat=QatConfig(source="pytorch"))
     with pytest.raises(QuantlabError) as info:
         run_qat(config, amax={}, train=[], evaluate=None, good_enough=None, out=tmp_path / "m.onnx")
     assert str(info.value) == "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'"
@@ -205,7 +205,8 @@ def test_qat_config_section(tmp_path):
     path.write_text('[qat]\nepochs = 2\nlr = 0.001\ndevice = "cpu"\ndata = "train"\n')
     c = load_config(path)
     assert c.qat.epochs == 2 and c.qat.device == "cpu" and c.resolve(c.qat.data) == tmp_path / "train"
-    for bad in ({"device": "tpu"}, {"loss": "kl"}, {"epochs": 0}, {"lr": 0.0}, {"max_steps": -1}):
+    for bad in ({"device": "tpu"}, {"loss": "kl"}, {"epochs": 0}, {"lr": 0.0}, {"max_steps": -1}, {"source": "tf"},
+                {"optimizer": "lamb"}, {"patience": -1}):
         with pytest.raises(QuantlabError):
             QatConfig(**bad)
     path.write_text("[qat]\nepoch = 2\n")

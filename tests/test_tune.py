@@ -12,9 +12,9 @@ from quantlab.cli import main
 
 def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     run_dir, config = tiny_run
-    # top-1 agreement of 1.01 cannot be met: every rung runs and fails; QAT needs a PyTorch model
+    # top-1 agreement of 1.01 cannot be met: every rung runs and fails; QAT trains the converted ONNX graph
     config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
-                      + "\n[tune]\nmax_float_layers = 2\n")
+                      + "\n[tune]\nmax_float_layers = 2\n[qat]\nepochs = 1\ncalib_batches = 1\n")
     assert main(["tune", "--config", str(config)]) == 1
     out = capsys.readouterr().out
     assert "calibrator-sweep" in out and "tolerance NOT met" in out
@@ -23,10 +23,10 @@ def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.C
     sweep, partial, qat = tune["rungs"]
     assert sweep["status"] == "fail" and sweep["value"] is not None and sweep["reference"] == 1.0
     assert partial["status"] == "fail" and len(partial["float_layers"]) <= 2
-    assert qat["status"] == "skipped" and "PyTorch model" in qat["detail"]
+    assert qat["status"] == "fail" and "onnx graph" in qat["detail"] and qat["engine"] == "int8:qat.tensorrt"
     assert tune["ok"] is False and tune["final_engine"] is None
     manifest = {a["path"]: a["kind"] for a in json.loads((run_dir / "manifest.json").read_text())["artefacts"]}
-    assert manifest["tune.json"] == "tune"
+    assert manifest["tune.json"] == "tune" and manifest["int8/qat.tensorrt.onnx"] == "model-int8-qdq"
     if partial["float_layers"]:  # a kept step leaves its model in the run, listed and evaluated
         assert manifest["int8/partial.ort-cpu.onnx"] == "model-int8-qdq"
         engines = [e["name"] for e in json.loads((run_dir / "compare.json").read_text())["engines"]]
@@ -45,7 +45,7 @@ def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t + '\n[tune]\nqat = "on"\n', "QAT needs the PyTorch model"),
+        (lambda t: t + '\n[qat]\nsource = "pytorch"\n', "QAT needs the PyTorch model"),
         (lambda t: t.replace("top1_agreement = 0.5", ""), "quantlab tune needs a tolerance"),
         (lambda t: t + '\n[tune]\ntarget = "tpu"\n', "unknown tune.target 'tpu'"),
     ],

@@ -2,35 +2,43 @@
 
 When no calibrator and no partial quantization keeps the INT8 model within its tolerance, Wu et al.
 2020 (arXiv 2004.09602) fine-tune the network with fake quantizers in place, starting from the
-best calibrated ranges, for a fraction of the original schedule at about 1% of the training
-learning rate, with the ranges fixed.  :func:`run_qat` does that for the configured PyTorch model
-(``[model] pytorch = "module:factory"``):
+best calibrated ranges, for a fraction of the original schedule at a small learning rate, with the
+ranges fixed.  :func:`run_qat` does that for one of two networks (``[qat] source``):
 
-1. **Fake quantizers** (``modelopt.torch.quantization``, ``INT8_DEFAULT_CFG``): signed INT8,
-   weights per channel on axis 0, activations per tensor, on the inputs of every Conv, Linear and
-   pooling module.  Subclasses of Conv/Linear that override ``forward`` (such as EfficientNet's
-   "same"-padding convolutions) get the quantized class of their parent, so they are quantized too.
-2. **Ranges from quantlab**: ``amax`` maps tensors of quantlab's prepared FP32 ONNX (exported from
-   the same factory, so its node names carry the PyTorch module scope, e.g.
-   ``/_blocks.0/_depthwise_conv/Conv``) to calibrated thresholds.  A module's input quantizer takes
-   the amax of the one tensor that *enters* the module's scope: the input of the module's first
-   node, produced outside it.  Quantizers no tensor maps to keep modelopt's max calibration over
-   ``calib_batches`` training batches; weight quantizers always take the per-channel max of the
-   weights.  :attr:`QatResult.mapped` and :attr:`QatResult.fallback` report both.
-3. **Fine-tuning**: SGD with momentum, cosine-annealed from ``lr``.  With labels, cross-entropy on
-   the first output; without, distillation: mean squared error between the FP32 model's outputs and
-   the fake-quantized model's.  The model stays in eval mode: BatchNorm statistics and dropout are
-   frozen (small QAT batches would corrupt the running statistics), BatchNorm's affine parameters
-   and every weight still train.  The ranges stay fixed: modelopt 0.47 learns no INT8 amax
-   (``learn_amax`` is deprecated; its learned scales are NVFP4 only); the fake quantizers pass
-   gradients straight through inside the range and zero them outside.  Runs are seeded and
-   deterministic on the CPU.
-4. **Export**: ``torch.onnx.export`` (TorchScript exporter) turns each quantizer into
-   QuantizeLinear/DequantizeLinear with INT8 zero-points 0 and scale ``amax / 127``.  BatchNorm is
-   exported after its Conv; folding it later scales each output channel, which leaves per-channel
-   weight quantization unchanged.  The model is checked (``onnx.checker``, an ONNX Runtime session
-   run and compared with FP32 on the first training batch, :func:`quantlab.qdq.lint.lint_tensorrt`)
-   and written atomically.
+* ``pytorch``: the configured PyTorch model (``[model] pytorch = "module:factory"``) with
+  modelopt's quantized modules (``INT8_DEFAULT_CFG``): signed INT8, weights per channel on axis 0,
+  activations per tensor, on the inputs of every Conv, Linear and pooling module.  Subclasses of
+  Conv/Linear that override ``forward`` (such as EfficientNet's "same"-padding convolutions) get
+  the quantized class of their parent.  Ranges from quantlab: ``amax`` maps tensors of quantlab's
+  prepared FP32 ONNX (exported from the same factory, so its node names carry the PyTorch module
+  scope, e.g. ``/_blocks.0/_depthwise_conv/Conv``); a module's input quantizer takes the amax of the
+  one tensor that *enters* the module's scope.  Export: ``torch.onnx.export`` turns each quantizer
+  into QuantizeLinear/DequantizeLinear with zero-point 0 and scale ``amax / 127``.
+* ``onnx``: the prepared FP32 ONNX itself, converted to a PyTorch module
+  (:mod:`quantlab.qat.convert`) and checked against ONNX Runtime on the first training batch
+  (cosine > 0.9999), with modelopt ``TensorQuantizer`` s on the edges where the run's ``tensorrt``
+  Q/DQ model has Q/DQ (``placement``), each activation quantizer taking the amax of the very tensor
+  it reads.  Export: Q/DQ nodes written into the FP32 graph with the trained weights
+  (:mod:`quantlab.qat.graph`), a Q/DQ copy of it like the PTQ models.  This is the only way for a
+  model that exists only as ONNX (the PP-OCRv6 detector, from Paddle).
+
+In both, quantizers no quantlab range maps to are max-calibrated by modelopt over ``calib_batches``
+training batches, and weight quantizers take the per-channel max of the starting weights;
+:attr:`QatResult.mapped` and :attr:`QatResult.fallback` report both.
+
+**Fine-tuning**: SGD with momentum (or Adam, ``[qat] optimizer``), cosine-annealed from ``lr``.
+With labels, cross-entropy on the first output; without, distillation from the frozen FP32 network:
+the squared error of each output relative to the FP32 output's mean square (:func:`_distill`).  The
+model stays in eval mode: BatchNorm statistics and dropout are frozen (small QAT batches would
+corrupt the running statistics); weights, biases and normalization parameters train.  The ranges
+stay fixed: modelopt 0.47 learns no INT8 amax (``learn_amax`` is deprecated; its learned scales are
+NVFP4 only); the fake quantizers pass gradients straight through inside the range and zero them
+outside.  After each epoch ``evaluate`` scores an export; training stops once ``good_enough`` holds
+or after ``[qat] patience`` epochs without a better score (a plateau), and the best epoch's export
+is the one written.  Runs are seeded and deterministic on the CPU.
+
+**Checks**: ``onnx.checker``, an ONNX Runtime session run and compared with FP32 on the first
+training batch, :func:`quantlab.qdq.lint.lint_tensorrt`; the model is written atomically.
 
 Training batches are quantlab feeds, ``dict[input name -> np.ndarray]`` (what
 :func:`quantlab.data.make_reader` yields), or ``(feed, labels)`` pairs with integer class labels
@@ -86,6 +94,14 @@ class QatResult:
             first training batch.
         ir_version: IR version of the written model.
         seconds: wall time per phase; ``train_step`` is the mean per optimizer step.
+        source: ``pytorch`` or ``onnx`` (the converted graph, see :func:`qat_source`).
+        stop: why training ended: ``tolerance`` (``good_enough``), ``plateau`` (``[qat] patience``
+            epochs without a better metric), ``max_steps`` or ``epochs``.
+        best_epoch: the epoch whose export was written (the best metric; the last without
+            ``evaluate``).
+        epoch_seconds: wall time of each epoch, its evaluation included.
+        conversion: the ``onnx`` source's check of the converted FP32 graph against ONNX Runtime on
+            the first training batch (``cosine``, ``max_abs``).
     """
 
     path: Path
@@ -105,6 +121,11 @@ class QatResult:
     sqnr_db: float
     ir_version: int
     seconds: dict[str, float] = field(default_factory=dict)
+    source: str = "pytorch"
+    stop: str = "epochs"
+    best_epoch: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    conversion: dict[str, float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return not self.tensorrt_rules.startswith("fail")
@@ -116,13 +137,13 @@ class QatResult:
         return d
 
     def __str__(self) -> str:
+        why = {"tolerance": " (stopped early: good enough)", "plateau": " (stopped early: plateau)"}.get(self.stop, "")
         lines = [
-            f"QAT on {self.device}: {self.epochs} epoch(s), {self.steps} steps, loss {self.loss}"
-            + (" (stopped early: good enough)" if self.stopped_early else ""),
+            f"QAT ({self.source}) on {self.device}: {self.epochs} epoch(s), {self.steps} steps, loss {self.loss}{why}",
             "  losses:  " + ", ".join(f"{v:.5g}" for v in self.losses),
         ]
         if self.metrics:
-            lines.append("  metrics: " + ", ".join(f"{v:.5g}" for v in self.metrics))
+            lines.append("  metrics: " + ", ".join(f"{v:.5g}" for v in self.metrics) + f" (epoch {self.best_epoch} kept)")
         lines += [
             f"  activation quantizers: {self.quantizers}, {self.mapped} from quantlab's ranges, "
             f"{len(self.fallback)} calibrated by modelopt",
@@ -311,10 +332,10 @@ def training_data(config: Config, prepared_inputs: Any) -> Iterable[Feed]:
 
 
 # ---------------------------------------------------------------------------------------------
-# export and checks
+# the two students: a PyTorch factory with modelopt's quantized modules, or the converted ONNX graph
 
 
-def _export(model: Any, config: Config, example: list[Any], path: Path) -> None:
+def _export_pytorch(model: Any, config: Config, example: list[Any], path: Path) -> None:
     import torch
 
     m = config.model
@@ -332,7 +353,142 @@ def _export(model: Any, config: Config, example: list[Any], path: Path) -> None:
         onnx.save(proto, str(path))
 
 
+@dataclass
+class _Student:
+    """The network QAT trains, its frozen FP32 teacher and how to export it."""
+
+    model: Any
+    teacher: Any
+    names: tuple[str, ...]
+    quantizers: int
+    mapped: int
+    fallback: list[str]
+    export: Callable[[list[Any], Path], None]
+    source: str
+    conversion: dict[str, float] = field(default_factory=dict)
+
+
+def _pytorch_student(config: Config, amax: Mapping[str, float], device: str, train: Iterable[Batch],
+                     need_teacher: bool) -> _Student:
+    import torch
+
+    from quantlab.model import export_pytorch, prepare_model
+
+    mc, qc = config.model, config.qat
+    prepared = prepare_model(
+        export_pytorch(mc.pytorch, mc.input_shapes, mc.input_names, mc.output_names, mc.opset), mc.input_shapes
+    )
+    mtq = _import_mtq()
+    names = tuple(mc.input_names)
+    model = _load_factory(mc.pytorch).to(device)
+    teacher = copy.deepcopy(model).eval() if need_teacher else _load_factory(mc.pytorch).to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _register_subclasses(model)
+
+    def calibrate(m: Any) -> None:
+        with torch.no_grad():
+            for i, batch in enumerate(train):
+                if i >= qc.calib_batches:
+                    break
+                m(*_tensors(_split(batch)[0], names, device))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mtq.quantize(model, mtq.INT8_DEFAULT_CFG, calibrate)
+    model.eval()
+    quantizers = _input_quantizers(model)
+    mapped = _map_amax(quantizers, onnx.load(str(prepared.path)), amax)
+    for name, value in mapped.items():
+        q = quantizers[name]
+        q.amax = torch.full_like(q.amax, value) if q.amax is not None else torch.tensor(value)
+    return _Student(
+        model, teacher, names, len(quantizers), len(mapped), sorted(set(quantizers) - set(mapped)),
+        lambda example, path: _export_pytorch(model, config, example, path), "pytorch",
+    )
+
+
+def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train: Iterable[Batch],
+                  model_path: Path, placement: Any) -> _Student:
+    import torch
+
+    from quantlab.collect import ort_session
+    from quantlab.compare.metrics import cosine
+    from quantlab.qat.convert import convert
+    from quantlab.qat.graph import attach_quantizers, calibrate_fallback, export_qdq, plan_from_qdq, plan_weighted
+
+    _import_mtq()
+    fp32 = onnx.load(str(model_path))
+    if placement is None:
+        plan = plan_weighted(fp32)
+    else:
+        qdq = placement if isinstance(placement, onnx.ModelProto) else onnx.load(str(placement))
+        source = "" if isinstance(placement, onnx.ModelProto) else Path(placement).name
+        plan = plan_from_qdq(fp32, qdq, source)
+    model = convert(fp32)
+    teacher = convert(fp32).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    names = tuple(model.input_names)
+    # the conversion must compute what ONNX Runtime computes before anything trains
+    first = _split(next(iter(train)))[0]
+    missing = [n for n in names if n not in first]
+    check(not missing, f"the training data lacks input(s) {missing} of the model: it holds {sorted(first)}; "
+          "point [qat] data (or [data] calib) at data for this model")
+    session = ort_session(str(model_path))
+    try:
+        expected = session.run(None, {n: np.ascontiguousarray(first[n]) for n in names})
+    except Exception as exc:  # ONNX Runtime rejects the feed: wrong shapes or types for this model
+        raise QuantlabError(f"the training data does not fit the model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}): give data shaped as the model's inputs") from None
+    with torch.no_grad():
+        got = [o.detach().cpu().numpy() for o in teacher(*_tensors(first, names, device))]
+    worst_cos, worst_abs = 1.0, 0.0
+    for e, g in zip(expected, got):
+        if np.issubdtype(np.asarray(e).dtype, np.floating):
+            worst_cos = min(worst_cos, cosine(e, g))
+            worst_abs = max(worst_abs, float(np.max(np.abs(np.asarray(e, np.float64) - g))) if e.size else 0.0)
+    check(worst_cos > 0.9999, f"the PyTorch conversion of '{model_path.name}' disagrees with ONNX Runtime (cosine "
+          f"{worst_cos:.6f}, max abs {worst_abs:.3g} on the first training batch): report it with the model")
+    quant = attach_quantizers(model, plan, amax)
+    model.to(device).eval()
+    calibrate_fallback(model, quant, (
+        _tensors(_split(b)[0], names, device) for i, b in zip(range(config.qat.calib_batches), train)
+    ))
+
+    def export(example: list[Any], path: Path) -> None:
+        proto = export_qdq(model, fp32, plan, quant)
+        proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+        onnx.save(proto, str(path))
+
+    n = len(quant.activations)  # activation quantizers, as the pytorch source counts them
+    return _Student(model, teacher, names, n, len(quant.mapped), sorted(quant.fallback), export, "onnx",
+                    {"cosine": round(worst_cos, 8), "max_abs": float(f"{worst_abs:.4g}")})
+
+
+def qat_source(config: Config) -> str:
+    """``pytorch`` or ``onnx``: which network :func:`run_qat` trains for this config."""
+    qc, mc = config.qat, config.model
+    if qc.source == "pytorch" or (qc.source == "auto" and mc.pytorch):
+        check(bool(mc.pytorch), "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'")
+        return "pytorch"
+    check(bool(mc.onnx or mc.pytorch), "QAT needs a model: set [model] onnx or pytorch in quantlab.toml")
+    return "onnx"
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One epoch of :func:`run_qat`, for a progress display."""
+
+    epoch: int
+    epochs: int
+    loss: float
+    metric: float | None
+    best: bool
+    seconds: float
 
 
 def run_qat(
@@ -344,43 +500,53 @@ def run_qat(
     evaluate: Callable[[Path], float] | None = None,
     good_enough: Callable[[float], bool] | None = None,
     progress: ProgressFactory | None = None,
+    model: str | Path | None = None,
+    placement: str | Path | onnx.ModelProto | None = None,
+    higher_is_better: bool = True,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> QatResult:
-    """Fine-tune the configured PyTorch model with INT8 fake quantizers and export Q/DQ ONNX to ``out``.
+    """Fine-tune the configured model with INT8 fake quantizers and export Q/DQ ONNX to ``out``.
 
     Args:
-        config: the run's config; reads ``[model]`` (``pytorch``, names, opset, input shapes) and
-            ``[qat]``.
+        config: the run's config; reads ``[model]`` and ``[qat]``.
         amax: calibrated thresholds by tensor name of quantlab's prepared FP32 model (see
             :func:`activation_amax`); they initialise the activation quantizers.
         out: where the Q/DQ ONNX model is written (atomically).
         train: training batches (see the module docstring); ``None`` reads ``[qat] data`` (or the
             calibration folder) without labels.
-        evaluate: ``evaluate(onnx_path) -> metric`` after each epoch, on an export of the model.
+        evaluate: ``evaluate(onnx_path) -> metric`` after each epoch, on an export of the model;
+            the best epoch's export is the one written to ``out``.
         good_enough: ``good_enough(metric) -> bool``; training stops after the first epoch where it
-            holds.
+            holds.  ``[qat] patience`` epochs without a better metric also stop it (a plateau).
         progress: ``progress(total)`` may return a bar (``update(n)``, ``close()``, optionally
             ``set_description``) for each epoch's steps, like ``run_ptq``'s.
+        model: the prepared FP32 ONNX the ``onnx`` source trains (default: the configured model,
+            prepared); ``placement``: a Q/DQ model of it whose quantized edges QAT takes (default:
+            the inputs of every weighted layer).  The ``pytorch`` source ignores both.
+        higher_is_better: the direction of ``evaluate``'s metric.
+        on_epoch: called after each epoch with its loss, metric and time.
     """
-    check(
-        bool(config.model.pytorch),
-        "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'",
-    )
+    source = qat_source(config)
     import torch
 
     from quantlab.collect import ort_session
     from quantlab.compare.metrics import check_agreement
-    from quantlab.model import export_pytorch, prepare_model
+    from quantlab.model import prepare_model
+    from quantlab.ptq import resolve_model
     from quantlab.qdq.lint import lint_tensorrt
 
-    qc, mc = config.qat, config.model
+    qc = config.qat
     seconds: dict[str, float] = {}
+    device = _resolve_device(qc.device)
     t0 = time.perf_counter()
-    prepared = prepare_model(
-        export_pytorch(mc.pytorch, mc.input_shapes, mc.input_names, mc.output_names, mc.opset), mc.input_shapes
-    )
-    seconds["prepare"] = time.perf_counter() - t0
+    if source == "onnx":
+        model_path = Path(model) if model is not None else prepare_model(resolve_model(config), config.model.input_shapes).path
     if train is None:
-        train = training_data(config, prepared.inputs)
+        from quantlab.model import input_specs
+
+        specs = input_specs(model_path) if source == "onnx" else prepare_model(resolve_model(config), config.model.input_shapes).inputs
+        train = training_data(config, specs)
+    seconds["prepare"] = time.perf_counter() - t0
     first = next(iter(train), None)
     check(first is not None, "the QAT training data is empty: give at least one batch")
     first_feed, first_labels = _split(first)
@@ -389,42 +555,24 @@ def run_qat(
         loss_kind != "labels" or first_labels is not None,
         "qat.loss = 'labels' but the training batches carry no labels: pass (feed, labels) pairs or use 'distill'",
     )
-    device = _resolve_device(qc.device)
-    mtq = _import_mtq()
-    names = tuple(mc.input_names)
     out = Path(out)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(qc.seed)
         t0 = time.perf_counter()
-        model = _load_factory(mc.pytorch).to(device)
-        teacher = copy.deepcopy(model).eval() if loss_kind == "distill" else None
-        if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        _register_subclasses(model)
-
-        def calibrate(m: Any) -> None:
-            with torch.no_grad():
-                for i, batch in enumerate(train):
-                    if i >= qc.calib_batches:
-                        break
-                    m(*_tensors(_split(batch)[0], names, device))
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = mtq.quantize(model, mtq.INT8_DEFAULT_CFG, calibrate)
-        model.eval()
-        quantizers = _input_quantizers(model)
-        mapped = _map_amax(quantizers, onnx.load(str(prepared.path)), amax)
-        for name, value in mapped.items():
-            q = quantizers[name]
-            q.amax = torch.full_like(q.amax, value) if q.amax is not None else torch.tensor(value)
-        fallback = sorted(set(quantizers) - set(mapped))
+        if source == "onnx":
+            student = _onnx_student(config, amax, device, train, model_path, placement)
+        else:
+            student = _pytorch_student(config, amax, device, train, loss_kind == "distill")
+        model_ = student.model
+        names = student.names
         seconds["quantize"] = time.perf_counter() - t0
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=qc.lr, momentum=qc.momentum)
+        params = [p for p in model_.parameters() if p.requires_grad]
+        if qc.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=qc.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=qc.lr, momentum=qc.momentum)
         try:
             per_epoch = len(train)  # type: ignore[arg-type]
         except TypeError:
@@ -434,18 +582,22 @@ def run_qat(
             total = min(total, qc.max_steps) if total else qc.max_steps
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if total else None
 
-        exported: tuple[Path, int] | None = None  # the last export and the step it was taken at
+        best: tuple[Path, int, float] | None = None  # the best export, the step it was taken at, its metric
         losses: list[float] = []
         metrics: list[float] = []
+        epoch_seconds: list[float] = []
         steps = 0
-        stopped = False
+        stop = "epochs"
+        since_best = 0
         train_seconds = 0.0
         out.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # beside out: os.replace is atomic
         try:
             for epoch in range(qc.epochs):
                 if qc.max_steps and steps >= qc.max_steps:
+                    stop = "max_steps"
                     break
+                t_epoch = time.perf_counter()
                 left = qc.max_steps - steps if qc.max_steps else 0
                 n_bar = min(per_epoch, left) if (per_epoch and left) else (per_epoch or left)
                 bar = progress(n_bar) if progress else None
@@ -459,17 +611,15 @@ def run_qat(
                         t = time.perf_counter()
                         feed, labels = _split(batch)
                         inputs = _tensors(feed, names, device)
-                        outputs = model(*inputs)
+                        outputs = model_(*inputs)
                         if loss_kind == "labels":
                             check(labels is not None, "a training batch has no labels while others have: give every batch labels")
                             target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
                             loss = torch.nn.functional.cross_entropy(_first_output(outputs), target)
                         else:
                             with torch.no_grad():
-                                reference = _outputs(teacher(*inputs))
-                            loss = sum(
-                                torch.nn.functional.mse_loss(o, r) for o, r in zip(_outputs(outputs), reference)
-                            )
+                                reference = _outputs(student.teacher(*inputs))
+                            loss = sum(_distill(o, r) for o, r in zip(_outputs(outputs), reference))
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
@@ -487,30 +637,49 @@ def run_qat(
                 if not epoch_losses:
                     break
                 losses.append(float(np.mean(epoch_losses)))
+                improved = False
                 if evaluate is not None:
                     t = time.perf_counter()
                     candidate = tmpdir / f"epoch{epoch + 1}.onnx"
-                    _export(model, config, _tensors(first_feed, names, device), candidate)
-                    exported = (candidate, steps)
+                    student.export(_tensors(first_feed, names, device), candidate)
                     metrics.append(float(evaluate(candidate)))
                     seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - t
-                    if good_enough is not None and good_enough(metrics[-1]):
-                        stopped = True
-                        break
+                    m = metrics[-1]
+                    improved = best is None or (not np.isnan(m) and (np.isnan(best[2]) or (m > best[2] if higher_is_better else m < best[2])))
+                    if improved:
+                        if best is not None:
+                            best[0].unlink(missing_ok=True)
+                        best = (candidate, steps, m)
+                        since_best = 0
+                    else:
+                        candidate.unlink(missing_ok=True)
+                        since_best += 1
+                epoch_seconds.append(time.perf_counter() - t_epoch)
+                if on_epoch is not None:
+                    on_epoch(EpochReport(epoch + 1, qc.epochs, losses[-1], metrics[-1] if metrics else None, improved,
+                                         epoch_seconds[-1]))
+                if evaluate is not None and good_enough is not None and good_enough(metrics[-1]):
+                    stop = "tolerance"
+                    break
+                if evaluate is not None and qc.patience and since_best >= qc.patience:
+                    stop = "plateau"
+                    break
+            else:
+                if qc.max_steps and steps >= qc.max_steps:
+                    stop = "max_steps"
             seconds["train"] = train_seconds
             seconds["train_step"] = train_seconds / steps if steps else 0.0
 
             t0 = time.perf_counter()
             example = _tensors(first_feed, names, device)
             with torch.no_grad():
-                reference = _first_output(model(*example))  # for the exported model's check below
-                fp32_ref = teacher or _load_factory(mc.pytorch).to(device)
-                fp32_out = _first_output(fp32_ref(*example)).detach().cpu().numpy()
-            if exported is not None and exported[1] == steps:
-                staged = exported[0]  # evaluated after the last step: ship that very file
+                reference = _first_output(model_(*example))  # for the exported model's check below
+                fp32_out = _first_output(student.teacher(*example)).detach().cpu().numpy()
+            if best is not None:
+                staged = best[0]  # the best evaluated epoch: ship that very file
             else:
                 staged = tmpdir / "model.onnx"
-                _export(model, config, example, staged)
+                student.export(example, staged)
             proto = onnx.load(str(staged))
             onnx.checker.check_model(proto)
             session = ort_session(str(staged), level="all")
@@ -520,8 +689,9 @@ def run_qat(
             fq_cos, _ = check_agreement(reference.detach().cpu().numpy(), ort_out)
             # ONNX Runtime's integer kernels round differently from float fake quantization; on a
             # transformer the two agree to about 0.98 cosine, so only a gross mismatch is an error
+            # (an earlier epoch's export, when it scored best, differs from the last weights too)
             check(
-                fq_cos > 0.95,
+                best is not None or fq_cos > 0.95,
                 f"the exported model disagrees with the fake-quantized PyTorch model (cosine {fq_cos:.4f}): "
                 "the Q/DQ export is broken for this model; report it with the model",
             )
@@ -536,8 +706,23 @@ def run_qat(
 
     return QatResult(
         path=out, device=device, loss=loss_kind, epochs=len(losses), steps=steps, losses=losses,
-        metrics=metrics, stopped_early=stopped, quantizers=len(quantizers), mapped=len(mapped),
-        fallback=fallback, tensorrt_rules=rules, lint=report.to_dict(), cosine=cosine, sqnr_db=sqnr,
-        ir_version=proto.ir_version, seconds=seconds,
+        metrics=metrics, stopped_early=stop in ("tolerance", "plateau"), quantizers=student.quantizers,
+        mapped=student.mapped, fallback=student.fallback, tensorrt_rules=rules, lint=report.to_dict(),
+        cosine=cosine, sqnr_db=sqnr, ir_version=proto.ir_version, seconds=seconds, source=student.source,
+        stop=stop, best_epoch=(metrics.index(best[2]) + 1 if best is not None and best[2] in metrics else len(losses)),
+        epoch_seconds=[round(v, 3) for v in epoch_seconds], conversion=student.conversion,
     )
 
+
+def _distill(out: Any, ref: Any) -> Any:
+    """Distillation loss of one output: mean squared error relative to the FP32 output's mean square.
+
+    ``mean((y_q - y)^2) / mean(y^2)`` is the inverse signal-to-noise ratio, so one learning rate
+    suits logits, unit-length embeddings and probability maps alike (an SQNR of 20 dB is a loss
+    of 0.01).  Integer outputs (indices, masks) carry no gradient and are skipped.
+    """
+    import torch
+
+    if not out.is_floating_point():
+        return torch.zeros((), device=out.device)
+    return ((out - ref) ** 2).mean() / ref.pow(2).mean().clamp_min(1e-12)

@@ -1,0 +1,161 @@
+"""QAT on a GPU, measured: MiniLM-L6 and the PP-OCRv6 detector from a deliberately weak PTQ start.
+
+Each case quantizes the bundled model with one calibrator for the ``tensorrt`` target (PTQ: the
+start), then runs ``quantlab qat``'s library call on the run folder: the prepared FP32 ONNX
+converted to PyTorch (``[qat] source = "onnx"``), fake quantizers where the PTQ model has Q/DQ,
+starting from that calibrator's ranges, distillation from FP32, the metric of the compare harness
+after every epoch, stop at the tolerance or on a plateau.  It prints one line per epoch (metric,
+loss, minutes) and ends with a JSON summary per case, also written to ``--out``.
+
+Training data (``--data``):
+
+* ``calib``: the model's calibration folder (MiniLM 256 sentences, detector 16 tiles);
+* ``more``: MiniLM: the calibration sentences plus every other prose sentence of Python's language
+  reference (``pydoc_data.topics``, the standard library) that is not in the evaluation set;
+  detector: the 16 calibration tiles and their mirror images (left-right, up-down, both: 64 tiles).
+  Distillation needs no labels, only inputs like the deployment's, so more unlabelled text or
+  mirrored text is enough; the evaluation data stays disjoint from it.
+
+    python benchmarks/qat_gpu.py --model minilm --calibrator minmax --epochs 30 --device cuda
+    python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quantlab.config import load_config, override  # noqa: E402
+
+CONFIGS = {"minilm": "quantlab/models/minilm/quantlab.toml", "detector": "quantlab/models/ppocr-det/quantlab.toml"}
+
+
+def _sentences(text: str) -> list[str]:
+    """Prose sentences of 5 to 45 words: cut at ``.``, ``!`` or ``?`` before a capital letter."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.splitlines()]
+        if not lines or any(ln.startswith((">>>", "...", "*", "|", "+", "=", "-")) for ln in lines if ln):
+            continue
+        flat = " ".join(ln for ln in lines if ln)
+        if "::=" in flat or flat.count("(") > 6:
+            continue
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat):
+            words = s.split()
+            if 5 <= len(words) <= 45 and s[-1] in ".!?":
+                out.append(s)
+    return out
+
+
+def minilm_extra(folder: Path, config) -> int:
+    """The calibration sentences plus the language reference's other prose sentences, none from eval/."""
+    from pydoc_data.topics import topics
+
+    held_out = set()
+    for f in config.resolve(config.compare.eval).glob("*.txt"):
+        held_out.update(ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip())
+    calib = [ln.strip() for f in sorted(config.resolve(config.data.calib).glob("*.txt"))
+             for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    extra = [s for key in sorted(topics) for s in _sentences(topics[key]) if s not in held_out]
+    lines = list(dict.fromkeys(calib + extra))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def detector_mirrored(folder: Path, config) -> int:
+    """The calibration tiles and their mirror images, as PNG (no second JPEG loss)."""
+    from PIL import Image, ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in sorted(config.resolve(config.data.calib).glob("*.jpg")):
+        img = Image.open(f).convert("RGB")
+        for tag, im in (("", img), ("-lr", ImageOps.mirror(img)), ("-ud", ImageOps.flip(img)),
+                        ("-rot", ImageOps.flip(ImageOps.mirror(img)))):
+            im.save(folder / f"{f.stem}{tag}.png")
+            n += 1
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    ap.add_argument("--calibrator", default="minmax")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--data", choices=["calib", "more"], default="calib")
+    ap.add_argument("--source", choices=["onnx", "pytorch"], default="onnx")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
+    ap.add_argument("--work", help="folder for the run (default: a temporary folder)")
+    ap.add_argument("--out", help="write the JSON summary here")
+    args = ap.parse_args()
+
+    from quantlab.ptq import run_ptq
+    from quantlab.qat.run import qat_run
+
+    t_start = time.perf_counter()
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"qat-{args.model}-"))
+    config = load_config(ROOT / CONFIGS[args.model])
+    if args.onnx:
+        config = override(config, "model", onnx=str(Path(args.onnx).resolve()))
+    config = override(config, "ptq", calibrators=(args.calibrator,), targets=("tensorrt",), out=str(work),
+                      run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.optimizer}-{args.lr:g}",
+                      report=False, latency_runs=0)
+    config = override(config, "compare", latency_runs=0, layers=False)
+    data = None
+    if args.data == "more":
+        folder = work / "train-data"
+        n = minilm_extra(folder, config) if args.model == "minilm" else detector_mirrored(folder, config)
+        print(f"training data: {n} samples in {folder}", flush=True)
+        data = str(folder)
+    config = override(config, "qat", epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, patience=args.patience,
+                      batch_size=args.batch_size, device=args.device, source=args.source, data=data)
+    t0 = time.perf_counter()
+    ptq = run_ptq(config)
+    ptq_seconds = time.perf_counter() - t0
+    print(f"PTQ {args.calibrator}/tensorrt: {ptq_seconds:.1f} s", flush=True)
+
+    def epoch_line(r) -> None:
+        minutes = (time.perf_counter() - t_qat) / 60
+        metric = "-" if r.metric is None else f"{r.metric:.4f}"
+        print(f"epoch {r.epoch:3d}: metric {metric}{' *' if r.best else '  '} loss {r.loss:.5f} "
+              f"epoch {r.seconds:6.1f} s, total {minutes:5.2f} min", flush=True)
+
+    t_qat = time.perf_counter()
+    result = qat_run(config, ptq.run_dir, calibrator=args.calibrator, on_epoch=epoch_line)
+    qat_minutes = (time.perf_counter() - t_qat) / 60
+    print(result, flush=True)
+    summary = {
+        "model": args.model, "calibrator": args.calibrator, "data": args.data, "optimizer": args.optimizer,
+        "lr": args.lr, "batch_size": args.batch_size, "source": args.source, "device": result.qat.device,
+        "primary": result.primary, "start": None if result.start is None else result.start.metrics.get(result.primary),
+        "metrics": result.qat.metrics, "losses": result.qat.losses, "epoch_seconds": result.qat.epoch_seconds,
+        "best_epoch": result.qat.best_epoch, "final": result.final.metrics.get(result.primary),
+        "tolerance_ok": result.final.tolerance_ok, "stop": result.qat.stop, "steps": result.qat.steps,
+        "train_step_ms": round(result.qat.seconds.get("train_step", 0.0) * 1000, 1),
+        "tensorrt_rules": result.qat.tensorrt_rules, "conversion": result.qat.conversion,
+        "qat_minutes": round(qat_minutes, 2), "ptq_seconds": round(ptq_seconds, 1),
+        "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
+    }
+    text = json.dumps(summary, indent=1)
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
