@@ -49,6 +49,16 @@ def test_cache_matches_the_scale_table(tiny_config):
     assert csv_lines[0] == "tensor,kind,calibrator,target,dtype,amax,min,max,channel,scale,zero_point"
 
 
+def test_scale_table_holds_the_deployed_scale_of_a_quantized_graph_output(tiny_config):
+    run = run_ptq(override(load_config(tiny_config), "ptq", calibrators=("minmax",), targets=("ort-cpu",))).run_dir
+    rows = [r for r in json.loads((run / "scales.json").read_text()) if r["tensor"] == "logits"]
+    assert len(rows) == 1 and rows[0]["dtype"] == "uint8"
+    assert rows[0]["scale"] == pytest.approx((rows[0]["max"] - rows[0]["min"]) / 255, rel=1e-6)
+    assert rows[0]["zero_point"] == round(-rows[0]["min"] / rows[0]["scale"])
+    csv_row = next(line for line in (run / "scales.csv").read_text().splitlines() if line.startswith("logits,"))
+    assert csv_row.split(",")[-2:] == [repr(rows[0]["scale"]), str(rows[0]["zero_point"])]
+
+
 def test_same_inputs_same_bytes(tiny_config, tmp_path):
     config = load_config(tiny_config)
     first = _files(run_ptq(config).run_dir)

@@ -60,6 +60,21 @@ def test_ort_cpu_target_structure(calibrated, tmp_path):
     assert not lint_tensorrt(model)  # U8 zero-points and INT32 biases are not TensorRT's rules
 
 
+def test_quantized_graph_output_keeps_its_name(calibrated, tmp_path):
+    # ONNX Runtime renames the float tensor in front of a quantized graph output
+    # "<output>_QuantizeLinear_Input"; its scale and zero-point are still the output's
+    pm, stats, _ = calibrated
+    ranges, model, _ = _quantize(pm, stats, "ort-cpu", tmp_path)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith("logits"))
+    assert q.input[0] == "logits_QuantizeLinear_Input"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    logits = next(p for p in read_quant_params(model) if p.tensor == "logits")
+    assert logits.kind == "activation" and logits.dtype == "uint8"
+    assert logits.scale == (float(inits[q.input[1]]),) and logits.zero_point == (int(inits[q.input[2]]),)
+    assert logits.scale[0] == pytest.approx((ranges["logits"].hi - ranges["logits"].lo) / 255, rel=1e-6)
+    assert not any(p.tensor.endswith("_QuantizeLinear_Input") for p in read_quant_params(model))
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_int8_outputs_close_to_fp32(calibrated, tmp_path, target):
     pm, stats, batches = calibrated
