@@ -43,8 +43,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load and check an ONNX file, with one-line errors for anything that is not one."""
+def load_onnx(path: str | Path, *, checker: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, with one-line errors for anything that is not one.
+
+    ``checker=False`` leaves out ``onnx.checker`` (then call :func:`check_onnx` when needed).
+    """
     p = Path(path)
     check(p.exists(), f"model file '{p}' does not exist: pass the path of an .onnx file")
     check(p.is_file(), f"model path '{p}' is a folder: pass the path of an .onnx file")
@@ -53,12 +56,18 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-wrapped errors, ...
         raise QuantlabError(f"'{p}' is not an ONNX model ({type(exc).__name__}): pass an .onnx file") from None
     check(len(model.graph.node) > 0, f"'{p}' is not an ONNX model (it has no graph nodes): pass an .onnx file")
+    if checker:
+        check_onnx(model, p)
+    return model
+
+
+def check_onnx(model: onnx.ModelProto, path: str | Path) -> None:
+    """``onnx.checker`` on ``model`` (read from ``path``): a failure is one line naming the first problem."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise QuantlabError(f"'{p}' fails onnx.checker ({first}): fix or re-export the model") from None
-    return model
+        raise QuantlabError(f"'{path}' fails onnx.checker ({first}): fix or re-export the model") from None
 
 
 def export_pytorch(

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from conftest import save_model
 from quantlab.cli import main
 
 
@@ -83,6 +85,26 @@ def test_lint_exit_codes(capsys, tiny_config, tiny_model):
     code, out, _ = run(capsys, "lint", str(reports / "entropy.ort-cpu.onnx"))
     assert code == 1 and "int32-bias" in out
     assert "not an ONNX model" in one_line_error(capsys, "lint", str(tiny_config))
+
+
+def test_lint_reports_an_old_opset_as_a_rule(capsys, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a per-channel weight DequantizeLinear (axis) at opset 12, which onnx.checker rejects
+    w = numpy_helper.from_array(np.ones((2, 3), np.int8), "w")
+    scale = numpy_helper.from_array(np.array([0.1, 0.2], np.float32), "s")
+    zero = numpy_helper.from_array(np.zeros(2, np.int8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+         helper.make_node("Gemm", ["x", "wf"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, scale, zero])
+    path = save_model(graph, tmp_path / "ok.onnx", opset=13)
+    model = onnx.load(str(path))
+    model.opset_import[0].version = 12
+    onnx.save(model, str(path))
+    code, out, err = run(capsys, "lint", str(path))
+    assert code == 1 and "[opset] the model uses opset 12" in out and not err
 
 
 def test_console_script_runs_as_a_process(tiny_model):
