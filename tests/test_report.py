@@ -156,6 +156,8 @@ def test_report_with_compare_latency_and_tune(run_copy):
     assert rows["int8:entropy.tensorrt"]["ok"] is False and rows["int8:entropy.tensorrt"]["failures"][0]["metric"] == "top1"
     assert rows["fp16"]["values"]["b8_ms"] == pytest.approx(1.6) and rows["int8:minmax.tensorrt"]["slower_than_fp32"]
     assert report["engines"]["columns"][0][0] == "top1"  # the primary metric first
+    # FP32's SQNR against itself (the 999 dB cap in this compare.json) is not applicable: shown as "-"
+    assert rows["fp32"]["values"]["output_sqnr_db"] is None and rows["fp16"]["values"]["output_sqnr_db"] == 60.1
     # most sensitive first: an SQNR score is worse when lower
     assert [r["node"] for r in report["layers"]["rows"]] == ["conv2", "fc", "conv1", "add1"]
     assert report["layers"]["lower_is_worse"] is True
@@ -166,6 +168,7 @@ def test_report_with_compare_latency_and_tune(run_copy):
         assert text in html, text
     md = (run_copy / "summary.md").read_text()
     assert "OUT OF TOLERANCE" in md and "## Escalation: passed" in md and "## Most sensitive layers" in md
+    assert "999" not in md and "999" not in html
     # only the measured latencies may differ between two reports of the same run
     before = _bytes(run_copy)
     latency = json.loads((run_copy / "latency.json").read_text())
