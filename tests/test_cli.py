@@ -43,7 +43,7 @@ def test_no_report_leaves_the_report_to_quantlab_report(capsys, tiny_config, tmp
 
 
 def test_unknown_calibrator_and_target_list_the_valid_ones(capsys, tiny_config):
-    assert "choose one of minmax, percentile, entropy, mse" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "kl")
+    assert "choose one of minmax, percentile, entropy, mse, entropy-trt, entropy-modelopt" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "kl")
     assert "choose one of tensorrt, ort-cpu" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--target", "tflite")
 
 
