@@ -181,6 +181,25 @@ def test_report_with_compare_latency_and_tune(run_copy):
     assert strip(after["report.json"]) == strip(before["report.json"])
 
 
+def test_report_says_when_the_entropy_clip_limit_acted(run_copy):
+    from quantlab.stats import StatsSet
+
+    # give one tensor no mass near zero: the KL search alone clips all its values into one bin
+    stats = StatsSet.load(run_copy / "stats.npz")
+    stats.tensors["r1"] = TensorStats.from_array("r1", np.random.default_rng(0).uniform(0.6, 0.9, 50_000))
+    stats.save(run_copy / "stats.npz")
+    write_report(run_copy)
+    report = json.loads((run_copy / "report.json").read_text())
+    rows = {r["calibrator"]: r for r in report["calibrators"]["tensorrt"]}
+    assert rows["minmax"]["limited"] is None and rows["minmax"]["limited_worst"] is None
+    entropy = rows["entropy"]
+    moved = load_run(run_copy).limited("entropy", "tensorrt")
+    assert entropy["limited"] == len(moved) >= 1 and "r1" in moved and moved["r1"].amax >= 0.89
+    assert entropy["limited_worst"]["tensor"] == "r1" and entropy["limited_worst"]["clipped_without_limit"] > 0.99
+    note = f"the clip limit (at most 1e-05 of the values clipped) moved {len(moved)} of {entropy['tensors']} thresholds"
+    assert note in (run_copy / "summary.md").read_text() and note in (run_copy / "index.html").read_text()
+
+
 def test_bad_run_folders_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(QuantlabError, match="does not exist"):
         load_run(tmp_path / "nowhere")
