@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -33,6 +34,21 @@ def test_ptq_success_prints_the_summary(capsys, tiny_config, tmp_path):
     code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "minmax,entropy", "--target", "all")
     assert code == 0
     assert "24 calibration samples" in out and out.count(" pass ") == 2 and re.search(r"^entropy\s+ort-cpu\s", out, re.M)
+
+
+def test_published_entropy_variants_work_by_name(capsys, tiny_config):
+    # from the config file and from --calibrator, into the models, the caches and the report
+    tiny_config.write_text(tiny_config.read_text().replace("[ptq]", '[ptq]\ncalibrators = ["entropy-trt", "entropy-modelopt"]'))
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--target", "tensorrt")
+    assert code == 0 and re.search(r"^entropy-trt\s+tensorrt\s+\S+\s+pass", out, re.M)
+    run_dir = Path(out.strip().splitlines()[-1].split("run folder: ")[1])
+    assert (run_dir / "int8" / "entropy-modelopt.tensorrt.onnx").is_file() and (run_dir / "trt" / "entropy-trt.calib.cache").is_file()
+    rows = json.loads((run_dir / "report.json").read_text())["calibrators"]["tensorrt"]
+    assert {r["calibrator"] for r in rows} == {"entropy-trt", "entropy-modelopt"}
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "all", "--target", "tensorrt",
+                       "--stats", str(run_dir / "stats.npz"))
+    assert code == 0 and all(re.search(rf"^{c}\s+tensorrt\s", out, re.M) for c in
+                             ("minmax", "percentile", "entropy", "mse", "entropy-trt", "entropy-modelopt"))
 
 
 def test_no_report_leaves_the_report_to_quantlab_report(capsys, tiny_config, tmp_path):

@@ -143,23 +143,26 @@ class EntropyCalibrator:
             raise QuantlabError(f"entropy max_clipped {m!r} is out of range: give a fraction with 0 <= f < 1, e.g. 1e-5")
 
     def compute_amax(self, stats: TensorStats, *, unsigned: bool = False) -> float:
-        return self.search(stats, unsigned=unsigned).amax
+        return self._thresholds(stats, unsigned)[0]
 
     def search(self, stats: TensorStats, *, unsigned: bool = False) -> EntropySearch:
         """The threshold, the one the search gives without the clip limit, and their clipped fractions."""
+        limited, unlimited = self._thresholds(stats, unsigned)
+        return EntropySearch(limited, unlimited, clipped_fraction(stats, limited), clipped_fraction(stats, unlimited))
+
+    def _thresholds(self, stats: TensorStats, unsigned: bool) -> tuple[float, float]:
+        """``(threshold, threshold without the clip limit)``."""
         amax = float(stats.amax)
         if stats.range == 0.0:
-            return EntropySearch(0.0, 0.0, 0.0, 0.0)
+            return 0.0, 0.0
         hist = stats.hist
         bins = damp_zero_spike(hist)
         cand = np.arange(START_BIN, len(bins) + 1)
         if cand.size == 0:
-            return EntropySearch(amax, amax, 0.0, 0.0)
+            return amax, amax
         kl = kl_divergences(bins, num_levels(unsigned), cand, cut="linspace", support="kept")
-        unlimited = _widest_minimum(cand, kl, stats)
         allowed = cand >= clip_floor(hist, self.max_clipped)
-        limited = _widest_minimum(cand[allowed], kl[allowed], stats)
-        return EntropySearch(limited, unlimited, clipped_fraction(stats, limited), clipped_fraction(stats, unlimited))
+        return _widest_minimum(cand[allowed], kl[allowed], stats), _widest_minimum(cand, kl, stats)
 
 
 def _widest_minimum(cand: np.ndarray, kl: np.ndarray, stats: TensorStats) -> float:
