@@ -22,11 +22,13 @@ It prints one table per metric and the checks of issue 11: the detector's IoU wi
 
     python benchmarks/bench_entropy.py                       # all three models (about 10 minutes)
     python benchmarks/bench_entropy.py --models ppocr-det --check-modelopt
-    python benchmarks/bench_entropy.py --limits 1e-3 1e-4 3e-5 3e-6 1e-6    # the clip limit's evidence
+    python benchmarks/bench_entropy.py --limits 1e-3 1e-4 3e-5 3e-6 1e-6 --ablations   # the choice's evidence
     python benchmarks/bench_entropy.py --timing           # only the search time, on synthetic histograms
 
-``--limits`` adds engines ``entropy@<limit>``: ``entropy`` with another clip limit (each written by
-``quantize_static`` with the same placement).
+``--limits`` adds engines ``entropy@<limit>``: ``entropy`` with another clip limit; ``--ablations``
+adds ``entropy-floor`` (levels of ``i // L`` bins, the remainder in the last) and
+``entropy-reference`` (``Q`` spread over the bins non-empty in ``P``).  Each is written by
+``quantize_static`` with the same placement.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +54,7 @@ METRIC = {"efficientnet-lite0": "top1_agreement", "ppocr-det": "iou", "minilm": 
 SEARCH_MS_LIMIT = 5.0
 
 
-def bench(name: str, config_path: Path, work: Path, check_modelopt: bool, limits: list[float]) -> dict:
+def bench(name: str, config_path: Path, work: Path, check_modelopt: bool, limits: list[float], ablations: bool) -> dict:
     from quantlab.calibrators import get_calibrator
     from quantlab.compare import run_compare
     from quantlab.config import load_config, override
@@ -64,8 +67,12 @@ def bench(name: str, config_path: Path, work: Path, check_modelopt: bool, limits
     config = override(config, "compare", latency_runs=0)
     t0 = time.perf_counter()
     result = run_ptq(config)
-    if limits:
-        add_limit_engines(result.run_dir, limits)
+    from quantlab.calibrators import EntropyCalibrator
+
+    extra = {limit_name(x): EntropyCalibrator(max_clipped=x) for x in limits}
+    extra.update({a.name: a for a in ABLATIONS} if ablations else {})
+    if extra:
+        add_engines(result.run_dir, extra)
     ptq_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compare = run_compare(config, result.run_dir, layers=False, write=False)
@@ -107,12 +114,41 @@ def limit_name(limit: float) -> str:
     return f"entropy@{limit:g}"
 
 
-def add_limit_engines(run_dir: Path, limits: list[float]) -> None:
-    """Q/DQ models of ``entropy`` with other clip limits, listed in the run's manifest as engines."""
+@dataclass(frozen=True)
+class Ablation:
+    """``entropy`` with one of ModelOpt's choices changed: the level cut or the support of ``Q``."""
+
+    name: str
+    cut: str = "linspace"
+    support: str = "kept"
+
+    def compute_amax(self, stats, *, unsigned: bool = False) -> float:
+        import numpy as np
+
+        from quantlab.calibrators.entropy import MAX_CLIPPED, START_BIN, clip_floor, damp_zero_spike, last_minimum, num_levels
+        from quantlab.calibrators.kl import kl_divergences
+
+        if stats.range == 0.0:
+            return 0.0
+        levels = num_levels(unsigned)
+        start = max(START_BIN, levels) if self.cut == "floor" else START_BIN  # a floor cut needs a bin per level
+        cand = np.arange(start, stats.nbins + 1)
+        kl = kl_divergences(damp_zero_spike(stats.hist), levels, cand, cut=self.cut, support=self.support)
+        allowed = cand >= clip_floor(stats.hist, MAX_CLIPPED)
+        cand, kl = cand[allowed], kl[allowed]
+        if not np.isfinite(kl).any():
+            return float(stats.amax)
+        return min(int(cand[last_minimum(kl)]) * stats.bin_width, float(stats.amax))
+
+
+ABLATIONS = (Ablation("entropy-floor", cut="floor"), Ablation("entropy-reference", support="reference"))
+
+
+def add_engines(run_dir: Path, calibrators: dict) -> None:
+    """Q/DQ models of more calibrators (``{name: calibrator}``), listed in the run's manifest as engines."""
     import json
 
     from quantlab.artefacts import Artefact, dumps_json
-    from quantlab.calibrators import EntropyCalibrator
     from quantlab.compare.harness import read_manifest
     from quantlab.qdq.targets import TARGETS as SCHEMES, compute_ranges, write_qdq_model
     from quantlab.stats import StatsSet
@@ -120,12 +156,12 @@ def add_limit_engines(run_dir: Path, limits: list[float]) -> None:
     stats = StatsSet.load(run_dir / "stats.npz")
     kept_float = json.loads((run_dir / "summary.json").read_text())["kept_float"].get("nodes", [])
     manifest = read_manifest(run_dir)
-    for limit in limits:
+    for name, calibrator in calibrators.items():
         for target in TARGETS:
-            rel = f"int8/{limit_name(limit)}.{target}.onnx"
-            ranges = compute_ranges(stats, EntropyCalibrator(max_clipped=limit), SCHEMES[target])
+            rel = f"int8/{name}.{target}.onnx"
+            ranges = compute_ranges(stats, calibrator, SCHEMES[target])
             write_qdq_model(run_dir / "model_fp32.onnx", ranges, SCHEMES[target], run_dir / rel, exclude=kept_float)
-            manifest["artefacts"].append(Artefact(rel, "model-int8-qdq", limit_name(limit), target).to_dict(run_dir))
+            manifest["artefacts"].append(Artefact(rel, "model-int8-qdq", name, target).to_dict(run_dir))
     (run_dir / "manifest.json").write_text(dumps_json(manifest))
 
 
@@ -156,9 +192,9 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def report(results: dict[str, dict], limits: list[float]) -> bool:
+def report(results: dict[str, dict], extra: list[str]) -> bool:
     models = list(results)
-    rows = [*CALIBRATORS, *map(limit_name, limits)]
+    rows = [*CALIBRATORS, *extra]
     head = "| calibrator | " + " | ".join(f"{m} {METRIC[m]} (tensorrt / ort-cpu)" for m in models) + " |"
     lines = [head, "|" + "---|" * (len(models) + 1)]
     for c in rows:
@@ -259,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-modelopt", action="store_true", help="also run ModelOpt's own function on every histogram")
     parser.add_argument("--limits", nargs="*", type=float, default=[],
                         help="also evaluate entropy with these clip limits (e.g. 1e-3 1e-4 3e-5 3e-6 1e-6)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also evaluate entropy with a floor level cut and with the reference support")
     parser.add_argument("--timing", action="store_true", help="only time the searches on synthetic histograms")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -269,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for m in args.models:
             print(f"{m} ...", file=sys.stderr, flush=True)
-            results[m] = bench(m, MODELS[m], work, args.check_modelopt, args.limits)
-        return 0 if report(results, args.limits) else 1
+            results[m] = bench(m, MODELS[m], work, args.check_modelopt, args.limits, args.ablations)
+        extra = [*map(limit_name, args.limits), *([a.name for a in ABLATIONS] if args.ablations else [])]
+        return 0 if report(results, extra) else 1
 
 
 if __name__ == "__main__":
