@@ -175,10 +175,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from quantlab.model import load_onnx
-    from quantlab.qdq.lint import lint_tensorrt
+    from quantlab.qdq.lint import lint_onnx_file
 
-    report = lint_tensorrt(load_onnx(args.model))
+    report = lint_onnx_file(args.model)
     print(report.summary())
     return 0 if report else 1
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantlab.calibrators import CALIBRATORS, DEFAULT_CALIBRATORS
 from quantlab.errors import QuantlabError, check
 
 TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu", "ort-dynamic")
 DEFAULT_TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu")  # the static ones; "all" adds ort-dynamic
-CALIBRATOR_NAMES: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+CALIBRATOR_NAMES: tuple[str, ...] = CALIBRATORS  # every registered name; a run uses DEFAULT_CALIBRATORS
 
 
 def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -137,7 +138,7 @@ class PtqConfig:
     writes it later).
     """
 
-    calibrators: tuple[str, ...] = CALIBRATOR_NAMES
+    calibrators: tuple[str, ...] = DEFAULT_CALIBRATORS
     targets: tuple[str, ...] = DEFAULT_TARGETS
     percentile: float = 99.99
     out: str = "reports"

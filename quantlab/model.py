@@ -53,11 +53,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
+def load_onnx(path: str | Path, *, checker: bool = True) -> onnx.ModelProto:
     """Load and check an ONNX file, with one-line errors for anything that is not one.
 
     Weights saved as external data (files beside the model, as exporters write models over 2 GB)
     are loaded from the model's folder; a missing data file is named in the error.
+    ``checker=False`` leaves out ``onnx.checker`` (then call :func:`check_onnx` when needed).
     """
     p = Path(path)
     check(p.exists(), f"model file '{p}' does not exist: pass the path of an .onnx file")
@@ -77,16 +78,24 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         f"prepare: model '{p.name}' keeps its weights in external data file(s) {missing[:3]} that are not beside it "
         f"in '{p.parent}': copy them next to the model",
     )
-    try:
-        # by path: the checker reads external data itself and accepts models over 2 GB
-        onnx.checker.check_model(str(p))
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QuantlabError(f"'{p}' fails onnx.checker ({first}): fix or re-export the model") from None
+    if checker:
+        check_onnx(model, p)
     if external:
         with stage("prepare", f"loading the external data of '{p.name}'", "check the data files match the model"):
             external_data_helper.load_external_data_for_model(model, str(p.parent))
     return model
+
+
+def check_onnx(model: onnx.ModelProto, path: str | Path) -> None:
+    """``onnx.checker`` on the model read from ``path``: a failure is one line naming the first problem.
+
+    The checker runs on the file (it reads external data itself and accepts models over 2 GB).
+    """
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QuantlabError(f"'{path}' fails onnx.checker ({first}): fix or re-export the model") from None
 
 
 def export_pytorch(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from conftest import save_model
 from quantlab.cli import main
 
 
@@ -33,6 +36,21 @@ def test_ptq_success_prints_the_summary(capsys, tiny_config, tmp_path):
     assert "24 calibration samples" in out and out.count(" pass ") == 2 and re.search(r"^entropy\s+ort-cpu\s", out, re.M)
 
 
+def test_published_entropy_variants_work_by_name(capsys, tiny_config):
+    # from the config file and from --calibrator, into the models, the caches and the report
+    tiny_config.write_text(tiny_config.read_text().replace("[ptq]", '[ptq]\ncalibrators = ["entropy-trt", "entropy-modelopt"]'))
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--target", "tensorrt")
+    assert code == 0 and re.search(r"^entropy-trt\s+tensorrt\s+\S+\s+pass", out, re.M)
+    run_dir = Path(out.strip().splitlines()[-1].split("run folder: ")[1])
+    assert (run_dir / "int8" / "entropy-modelopt.tensorrt.onnx").is_file() and (run_dir / "trt" / "entropy-trt.calib.cache").is_file()
+    rows = json.loads((run_dir / "report.json").read_text())["calibrators"]["tensorrt"]
+    assert {r["calibrator"] for r in rows} == {"entropy-trt", "entropy-modelopt"}
+    code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "all", "--target", "tensorrt",
+                       "--stats", str(run_dir / "stats.npz"))
+    assert code == 0 and all(re.search(rf"^{c}\s+tensorrt\s", out, re.M) for c in
+                             ("minmax", "percentile", "entropy", "mse", "entropy-trt", "entropy-modelopt"))
+
+
 def test_no_report_leaves_the_report_to_quantlab_report(capsys, tiny_config, tmp_path):
     code, out, _ = run(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "minmax", "--no-report")
     run_dir = Path(out.strip().splitlines()[-1].split("run folder: ")[1])
@@ -41,7 +59,7 @@ def test_no_report_leaves_the_report_to_quantlab_report(capsys, tiny_config, tmp
 
 
 def test_unknown_calibrator_and_target_list_the_valid_ones(capsys, tiny_config):
-    assert "choose one of minmax, percentile, entropy, mse" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "kl")
+    assert "choose one of minmax, percentile, entropy, mse, entropy-trt, entropy-modelopt" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--calibrator", "kl")
     assert "choose one of tensorrt, ort-cpu" in one_line_error(capsys, "ptq", "--config", str(tiny_config), "--target", "tflite")
 
 
@@ -83,6 +101,26 @@ def test_lint_exit_codes(capsys, tiny_config, tiny_model):
     code, out, _ = run(capsys, "lint", str(reports / "entropy.ort-cpu.onnx"))
     assert code == 1 and "int32-bias" in out
     assert "not an ONNX model" in one_line_error(capsys, "lint", str(tiny_config))
+
+
+def test_lint_reports_an_old_opset_as_a_rule(capsys, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a per-channel weight DequantizeLinear (axis) at opset 12, which onnx.checker rejects
+    w = numpy_helper.from_array(np.ones((2, 3), np.int8), "w")
+    scale = numpy_helper.from_array(np.array([0.1, 0.2], np.float32), "s")
+    zero = numpy_helper.from_array(np.zeros(2, np.int8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+         helper.make_node("Gemm", ["x", "wf"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, scale, zero])
+    path = save_model(graph, tmp_path / "ok.onnx", opset=13)
+    model = onnx.load(str(path))
+    model.opset_import[0].version = 12
+    onnx.save(model, str(path))
+    code, out, err = run(capsys, "lint", str(path))
+    assert code == 1 and "[opset] the model uses opset 12" in out and not err
 
 
 def test_console_script_runs_as_a_process(tiny_model):

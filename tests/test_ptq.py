@@ -49,6 +49,35 @@ def test_cache_matches_the_scale_table(tiny_config):
     assert csv_lines[0] == "tensor,kind,calibrator,target,dtype,amax,min,max,channel,scale,zero_point"
 
 
+def test_scale_table_holds_the_deployed_scale_of_a_quantized_graph_output(tmp_path):
+    # ort-cpu quantizes a convolution's output, and ONNX Runtime renames a quantized graph output's float
+    # tensor "<output>_QuantizeLinear_Input": the table still lists it under the output's name
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import save_model, tiny_config_text
+
+    g = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["logits"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(g.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")],
+    )
+    model = save_model(graph, tmp_path / "conv.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "b.npz", input=g.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    config = tmp_path / "quantlab.toml"
+    config.write_text(tiny_config_text(model, calib, tmp_path / "reports"))
+    run = run_ptq(override(load_config(config), "ptq", calibrators=("minmax",), targets=("ort-cpu",))).run_dir
+    rows = [r for r in json.loads((run / "scales.json").read_text()) if r["tensor"] == "logits"]
+    assert len(rows) == 1 and rows[0]["dtype"] == "uint8"
+    assert rows[0]["scale"] == pytest.approx((rows[0]["max"] - rows[0]["min"]) / 255, rel=1e-6)
+    assert rows[0]["zero_point"] == round(-rows[0]["min"] / rows[0]["scale"])
+    csv_row = next(line for line in (run / "scales.csv").read_text().splitlines() if line.startswith("logits,"))
+    assert csv_row.split(",")[-2:] == [repr(rows[0]["scale"]), str(rows[0]["zero_point"])]
+
+
 def test_same_inputs_same_bytes(tiny_config, tmp_path):
     config = load_config(tiny_config)
     first = _files(run_ptq(config).run_dir)

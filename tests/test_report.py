@@ -156,6 +156,8 @@ def test_report_with_compare_latency_and_tune(run_copy):
     assert rows["int8:entropy.tensorrt"]["ok"] is False and rows["int8:entropy.tensorrt"]["failures"][0]["metric"] == "top1"
     assert rows["fp16"]["values"]["b8_ms"] == pytest.approx(1.6) and rows["int8:minmax.tensorrt"]["slower_than_fp32"]
     assert report["engines"]["columns"][0][0] == "top1"  # the primary metric first
+    # FP32's SQNR against itself (the 999 dB cap in this compare.json) is not applicable: shown as "-"
+    assert rows["fp32"]["values"]["output_sqnr_db"] is None and rows["fp16"]["values"]["output_sqnr_db"] == 60.1
     # most sensitive first: an SQNR score is worse when lower
     assert [r["node"] for r in report["layers"]["rows"]] == ["conv2", "fc", "conv1", "add1"]
     assert report["layers"]["lower_is_worse"] is True
@@ -166,6 +168,7 @@ def test_report_with_compare_latency_and_tune(run_copy):
         assert text in html, text
     md = (run_copy / "summary.md").read_text()
     assert "OUT OF TOLERANCE" in md and "## Escalation: passed" in md and "## Most sensitive layers" in md
+    assert "999" not in md and "999" not in html
     # only the measured latencies may differ between two reports of the same run
     before = _bytes(run_copy)
     latency = json.loads((run_copy / "latency.json").read_text())
@@ -176,6 +179,25 @@ def test_report_with_compare_latency_and_tune(run_copy):
     assert after["index.html"] != before["index.html"] and "9.75" in after["index.html"].decode()
     strip = lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "engines"})  # noqa: E731
     assert strip(after["report.json"]) == strip(before["report.json"])
+
+
+def test_report_says_when_the_entropy_clip_limit_acted(run_copy):
+    from quantlab.stats import StatsSet
+
+    # give one tensor no mass near zero: the KL search alone clips all its values into one bin
+    stats = StatsSet.load(run_copy / "stats.npz")
+    stats.tensors["r1"] = TensorStats.from_array("r1", np.random.default_rng(0).uniform(0.6, 0.9, 50_000))
+    stats.save(run_copy / "stats.npz")
+    write_report(run_copy)
+    report = json.loads((run_copy / "report.json").read_text())
+    rows = {r["calibrator"]: r for r in report["calibrators"]["tensorrt"]}
+    assert rows["minmax"]["limited"] is None and rows["minmax"]["limited_worst"] is None
+    entropy = rows["entropy"]
+    moved = load_run(run_copy).limited("entropy", "tensorrt")
+    assert entropy["limited"] == len(moved) >= 1 and "r1" in moved and moved["r1"].amax >= 0.89
+    assert entropy["limited_worst"]["tensor"] == "r1" and entropy["limited_worst"]["clipped_without_limit"] > 0.99
+    note = f"the clip limit (at most 1e-05 of the values clipped) moved {len(moved)} of {entropy['tensors']} thresholds"
+    assert note in (run_copy / "summary.md").read_text() and note in (run_copy / "index.html").read_text()
 
 
 def test_bad_run_folders_are_one_clear_error(tmp_path, capsys):

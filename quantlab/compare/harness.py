@@ -454,6 +454,12 @@ class Evaluator:
         if is_ref:
             self.reference = out
         flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user)
+        computed = {k for k, v in flat.items() if v is not None}
+        if is_ref:
+            # FP32 against itself has no error: its SQNR is not a measurement (the cap, 999 dB), so none is shown
+            flat["sqnr_db"] = None
+            for metrics in per_output.values():
+                metrics["sqnr_db"] = None
         self.seconds[f"eval:{spec.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         runs = c.latency_runs if latency else 0
@@ -464,8 +470,14 @@ class Evaluator:
                               per_output, latency=lat)
         if is_ref:
             self.fp32 = result
-            computed = {k for k, v in flat.items() if v is not None}
             check_known(self.tolerance, computed, f"compare (task {c.task})")
+            relative = sorted(m for m, rules in self.tolerance.items()
+                              if result.metrics.get(m) is None and {"max_drop", "max_increase"} & set(rules))
+            check(
+                not relative,
+                f"tolerance on {', '.join(relative)} relative to FP32, which has no value of its own (no error "
+                f"against itself): give an absolute bound instead, e.g. {relative[0] if relative else ''} = {{ min = 20 }}",
+            )
             check(
                 self.primary in computed,
                 f"compare.primary '{self.primary}' is not computed here: choose one of {', '.join(sorted(computed))}",

@@ -51,7 +51,7 @@ from onnx import numpy_helper
 
 from quantlab.errors import QuantlabError
 
-__all__ = ["RULES", "LintIssue", "LintReport", "lint_tensorrt"]
+__all__ = ["RULES", "LintIssue", "LintReport", "lint_onnx_file", "lint_tensorrt"]
 
 #: Every rule id :func:`lint_tensorrt` reports, with what it requires.
 RULES: Mapping[str, str] = MappingProxyType({
@@ -369,7 +369,7 @@ class _Linter:
         values = scale.astype(np.float64).ravel()
         bad = values[~(np.isfinite(values) & (values > 0))]
         if values.size == 0 or bad.size:
-            shown = "an empty tensor" if values.size == 0 else f"{bad[0]!r}"
+            shown = "an empty tensor" if values.size == 0 else repr(float(bad[0]))
             self.report(
                 "scale-value", label, name,
                 f"scale '{name}' of {where} holds {shown}; scales must be finite and > 0: "
@@ -581,3 +581,20 @@ def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> LintReport
     loaded = _load(model)
     report = _Linter(loaded).run()
     return replace(report, advice=fusion_advice(loaded))
+
+
+def lint_onnx_file(path: str | os.PathLike[str]) -> LintReport:
+    """Lint the ONNX file at ``path`` as ``quantlab lint`` does.
+
+    The model must pass ``onnx.checker``, except when it breaks the ``opset`` rule: below opset 13
+    the checker rejects per-channel Q/DQ (``axis`` on ``DequantizeLinear``), the very thing the
+    rule explains, so the report says that instead of the checker's message.  A file that is not
+    an ONNX model, or fails the checker for another reason, is a :class:`QuantlabError`.
+    """
+    from quantlab.model import check_onnx, load_onnx
+
+    model = load_onnx(path, checker=False)
+    report = lint_tensorrt(model)
+    if "opset" not in report.rules:
+        check_onnx(model, path)
+    return report

@@ -239,6 +239,10 @@ def placement_for(model: onnx.ModelProto, target: Target, exclude: Iterable[str]
     return placement
 
 
+# ONNX Runtime's name for the float tensor in front of the Q/DQ pair of a quantized graph output
+_RENAMED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
+
+
 @dataclass(frozen=True)
 class QuantParam:
     """One quantized tensor of a Q/DQ model as deployed: its scale(s) and zero-point(s)."""
@@ -256,11 +260,14 @@ def read_quant_params(model: onnx.ModelProto) -> list[QuantParam]:
 
     Activations come from ``QuantizeLinear`` nodes (input = the float tensor); weights from
     ``DequantizeLinear`` nodes whose input is an INT8 initializer (the original weight name is kept
-    without ONNX Runtime's ``_quantized`` suffix).  INT32 bias DQ nodes are left out.
+    without ONNX Runtime's ``_quantized`` suffix).  INT32 bias DQ nodes are left out.  A graph output
+    that ONNX Runtime quantizes keeps its name on the DequantizeLinear output, and the float tensor
+    its producer writes is renamed ``<output>_QuantizeLinear_Input``: it is reported as ``<output>``.
     """
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
 
     def value(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name]) if name in inits else np.array([])
@@ -278,7 +285,10 @@ def read_quant_params(model: onnx.ModelProto) -> list[QuantParam]:
             continue
         scale = value(node.input[1]).astype(np.float64).ravel()
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.size > 1 else None
-        name = x.removesuffix("_quantized") if is_weight else x
+        if is_weight:
+            name = x.removesuffix("_quantized")
+        else:
+            name = x.removesuffix(_RENAMED_OUTPUT_SUFFIX) if x.removesuffix(_RENAMED_OUTPUT_SUFFIX) in outputs else x
         kind = "weight" if is_weight else "activation"
         params.setdefault(
             (kind, name),

@@ -120,6 +120,12 @@ def _engines_from_compare(run: Run, best: str | None) -> dict[str, Any]:
             sq = [o["sqnr_db"] for o in outs if o.get("sqnr_db") is not None]
             values["output_cosine"] = _round(min(cos), 6) if cos else None
             values["output_sqnr_db"] = _round(min(sq), 2) if sq else None
+        if e.get("precision") == "fp32":
+            # the reference against itself: no error, so no SQNR (files written before 0-error SQNRs were
+            # left out hold the 999 dB cap here)
+            for k in ("sqnr_db", "output_sqnr_db"):
+                if k in values:
+                    values[k] = None
         values["size_mb"] = _round(e.get("size_mb"), 3)
         lat = _latency(run, e["name"])
         for k in lat:

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from quantlab.report.plots import bar_chart_svg, colour, data_uri, dot_chart_svg, histogram_png
-from quantlab.report.run import Run, calibrator_label
+from quantlab.report.run import Run, calibrator_label, limit_note
 
 BARS_SHOWN = 25  # layers per bar chart; the full list is in a table under it
 
@@ -210,9 +210,10 @@ def _calibrators(report: dict[str, Any]) -> str:
             f'<td class="t">{escape(str(r["worst_tensor"]))}</td><td class="n">{_pct(r["mean_clipped"])}</td></tr>'
             for r in rows
         )
+        notes = "".join(f'<p class="note">{escape(n)}</p>' for r in rows if (n := limit_note(r)))
         out.append(
             f"<h3>{escape(target)}</h3><table class=\"calibrators\"><tr><th>calibrator</th><th class=\"n\">mean SQNR, dB</th>"
-            f'<th class="n">worst SQNR, dB</th><th>worst tensor</th><th class="n">mean clipped</th></tr>{body}</table>'
+            f'<th class="n">worst SQNR, dB</th><th>worst tensor</th><th class="n">mean clipped</th></tr>{body}</table>{notes}'
         )
     return ('<p class="note">Estimated from the calibration histograms, per calibrated tensor: SQNR of fake-quantizing '
             "the distribution with the calibrator's threshold (clipping included), and the fraction of elements clipped. "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantlab.report.run import limit_note
+
 WORST_SHOWN = 10
 
 
@@ -79,6 +81,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += _table(["calibrator", "mean SQNR dB", "worst SQNR dB", "worst tensor", "mean clipped"],
                       [[c["calibrator"], _db(c["mean_sqnr_db"]), _db(c["min_sqnr_db"]), f"`{c['worst_tensor']}`",
                         _pct(c["mean_clipped"])] for c in report["calibrators"][target]], {1, 2, 4})
+        notes = [n for c in report["calibrators"][target] if (n := limit_note(c))]
+        if notes:
+            out += ["", *notes]
     layers = report.get("layers")
     if layers:
         out += ["", f"## Most sensitive layers ({layers.get('engine')})", ""]

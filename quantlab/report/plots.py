@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from quantlab.report.run import TensorQuality
 
 # colour-blind safe (Okabe-Ito), one per calibrator; others cycle through the rest
-CALIBRATOR_COLOURS = {"minmax": "#0072B2", "percentile": "#E69F00", "entropy": "#D55E00", "mse": "#009E73"}
-_SPARE_COLOURS = ("#CC79A7", "#56B4E9", "#000000", "#8C6D31", "#7F3C8D")
+CALIBRATOR_COLOURS = {"minmax": "#0072B2", "percentile": "#E69F00", "entropy": "#D55E00", "mse": "#009E73",
+                      "entropy-trt": "#CC79A7", "entropy-modelopt": "#56B4E9"}
+_SPARE_COLOURS = ("#000000", "#8C6D31", "#7F3C8D")
 HIST_COLOUR = "#9aa7b4"
 NEG_COLOUR = "#4b5866"
 

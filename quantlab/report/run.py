@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from quantlab.calibrators import Calibrator
+    from quantlab.calibrators.entropy import EntropySearch
     from quantlab.qdq.targets import TensorRange
 
 # SQNR values are capped here (an exact quantization has infinite SQNR), as in ``summary.json``.
@@ -105,6 +106,21 @@ def calibrator_label(calibrator: "str | Calibrator") -> str:
         return calibrator
     p = getattr(calibrator, "percentile", None)
     return calibrator.name if p is None else f"{calibrator.name} {p:g}"
+
+
+def limit_note(row: dict[str, Any]) -> str | None:
+    """One sentence on what a calibrator's clip limit did, from a :meth:`Run.compare_calibrators` row.
+
+    ``None`` when the calibrator has no limit or the limit moved no threshold.
+    """
+    worst = row.get("limited_worst")
+    if not row.get("limited") or worst is None:
+        return None
+    fraction = worst["clipped_without_limit"]
+    limit = worst.get("max_clipped")
+    rule = f" (at most {limit:g} of the values clipped)" if limit is not None else ""
+    return (f"{row['calibrator']} on {row['target']}: the clip limit{rule} moved {row['limited']} of {row['tensors']} "
+            f"thresholds; the search alone would have clipped {fraction:.3%} of the values of {worst['tensor']}.")
 
 
 def fake_quant_quality(st: TensorStats, lo: float, hi: float, symmetric: bool) -> tuple[float, float | None]:
@@ -280,11 +296,29 @@ class Run:
             self._quality[key] = out
         return self._quality[key]
 
+    def limited(self, calibrator: "str | Calibrator", target: str = "tensorrt") -> dict[str, "EntropySearch"] | None:
+        """``{tensor: search}`` for the tensors whose threshold a clip limit moved (the ``entropy`` guard).
+
+        ``None`` for a calibrator without a clip limit.  Each :class:`~quantlab.calibrators.entropy.EntropySearch`
+        holds the threshold and the one the search would have given without the limit.
+        """
+        from quantlab.qdq.targets import TARGETS
+
+        cal = self.calibrator(calibrator)
+        search = getattr(cal, "search", None)
+        if search is None:
+            return None
+        tgt = TARGETS[target]
+        found = {name: search(st, unsigned=tgt.uses_unsigned(st.min)) for name, st in self.stats.tensors.items()}
+        return {name: s for name, s in found.items() if s.limited}
+
     def compare_calibrators(self, calibrators: "list[str | Calibrator] | None" = None,
                             target: str | None = None) -> list[dict[str, Any]]:
         """One row per calibrator: mean and worst histogram SQNR over the tensors, mean clipped mass.
 
-        Rows are sorted best first (highest mean SQNR).
+        Rows are sorted best first (highest mean SQNR).  For a calibrator with a clip limit,
+        ``limited`` counts the thresholds it moved and ``limited_worst`` names the tensor the search
+        alone would have clipped most (with that fraction); both ``None`` for the others.
         """
         target = target or self.primary_target
         rows = []
@@ -292,6 +326,8 @@ class Run:
             q = self.quality(c, target)
             sqnrs = [v.sqnr_db for v in q.values() if v.sqnr_db is not None]
             worst = min(q, key=lambda n: _sort_sqnr(q[n].sqnr_db)) if q else None
+            limited = self.limited(c, target)
+            most = max(sorted(limited), key=lambda n: limited[n].unlimited_clipped) if limited else None
             rows.append({
                 "calibrator": calibrator_label(c), "target": target,
                 "mean_sqnr_db": _round(float(np.mean(sqnrs)), 2) if sqnrs else None,
@@ -299,6 +335,11 @@ class Run:
                 "worst_tensor": worst,
                 "mean_clipped": _round(float(np.mean([v.clipped for v in q.values()])), 6) if q else None,
                 "tensors": len(q),
+                "limited": None if limited is None else len(limited),
+                "limited_worst": None if most is None else {
+                    "tensor": most, "clipped_without_limit": _round(limited[most].unlimited_clipped, 6),
+                    "max_clipped": getattr(self.calibrator(c), "max_clipped", None),
+                },
             })
         rows.sort(key=lambda r: -(r["mean_sqnr_db"] if r["mean_sqnr_db"] is not None else -math.inf))
         return rows

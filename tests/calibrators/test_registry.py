@@ -7,11 +7,14 @@ import pytest
 
 from quantlab.calibrators import (
     CALIBRATORS,
+    DEFAULT_CALIBRATORS,
     Calibrator,
     EntropyCalibrator,
     MinMaxCalibrator,
+    ModelOptEntropyCalibrator,
     MseCalibrator,
     PercentileCalibrator,
+    TensorRTEntropyCalibrator,
     asymmetric_range,
     get_calibrator,
 )
@@ -24,11 +27,14 @@ CLASSES = {
     "percentile": PercentileCalibrator,
     "entropy": EntropyCalibrator,
     "mse": MseCalibrator,
+    "entropy-trt": TensorRTEntropyCalibrator,
+    "entropy-modelopt": ModelOptEntropyCalibrator,
 }
 
 
 def test_names() -> None:
-    assert CALIBRATORS == ("minmax", "percentile", "entropy", "mse")
+    assert CALIBRATORS == ("minmax", "percentile", "entropy", "mse", "entropy-trt", "entropy-modelopt")
+    assert DEFAULT_CALIBRATORS == ("minmax", "percentile", "entropy", "mse")
 
 
 @pytest.mark.parametrize("name", CALIBRATORS)
@@ -49,7 +55,7 @@ def test_percentile_is_passed_on() -> None:
 def test_unknown_name() -> None:
     with pytest.raises(QuantlabError) as info:
         get_calibrator("xyz")
-    expected = "unknown calibrator 'xyz': choose one of minmax, percentile, entropy, mse"
+    expected = "unknown calibrator 'xyz': choose one of minmax, percentile, entropy, mse, entropy-trt, entropy-modelopt"
     assert str(info.value) == expected
 
 

@@ -26,7 +26,9 @@ def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:
     fp32 = result["fp32"]
     # the labels are FP32's own predictions, and FP32 agrees with itself exactly
     assert fp32.metrics["top1"] == 1.0 and fp32.metrics["top1_agreement"] == 1.0
-    assert fp32.metrics["sqnr_db"] == 999.0 and fp32.metrics["kl"] == pytest.approx(0.0, abs=1e-12)
+    # FP32 against itself has no error: no SQNR (not the 999 dB cap)
+    assert fp32.metrics["sqnr_db"] is None and fp32.outputs["logits"]["sqnr_db"] is None
+    assert fp32.metrics["kl"] == pytest.approx(0.0, abs=1e-12)
     assert result.labelled == 12 and result.primary == "top1"
     labels = {int(f.stem.rsplit("_", 1)[1]) for f in Path(load_config(config_path).compare.eval).iterdir()}
     assert len(labels) > 1, "the evaluation set spans several classes"
@@ -37,7 +39,10 @@ def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:
         assert e.tolerance_ok is not None
     assert result.best is not None and result.best.precision == "int8"
     text = str(result)
-    assert "int8:entropy.ort-cpu" in text and "best INT8 engine" in text
+    assert "int8:entropy.ort-cpu" in text and "best INT8 engine" in text and "999.0" not in text
+    head, _, fp32_row = text.splitlines()[1:4]
+    sqnr_col = head.split().index("sqnr_db")
+    assert fp32_row.split()[sqnr_col] == "-"
 
 
 def test_results_are_written_listed_and_deterministic(run: tuple[Path, Path]) -> None:
@@ -111,6 +116,7 @@ def test_tolerance_decides_truthiness_and_exit_code(run: tuple[Path, Path], caps
     "edit, message",
     [
         (lambda t: t.replace("top1_agreement = 0.5", "iou = 0.1"), "tolerance on iou, which compare"),
+        (lambda t: t.replace("top1_agreement = 0.5", "sqnr_db = 3"), "tolerance on sqnr_db relative to FP32"),
         (lambda t: t.replace('task = "classification"', 'task = "classification"\nprimary = "bleu"'),
          "compare.primary 'bleu' is not computed"),
         (lambda t: t.replace('task = "classification"', 'task = "classification"\nmetric = "nowhere_mod:f"'),

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.errors import QuantlabError
-from quantlab.qdq.lint import RULES, LintIssue, LintReport, lint_tensorrt
+from quantlab.qdq.lint import RULES, LintIssue, LintReport, lint_onnx_file, lint_tensorrt
 
 OPSET = 17
 X_SHAPE = [1, 3, 8, 8]
@@ -163,6 +163,33 @@ def test_old_opset() -> None:
     assert found(lint_tensorrt(model)) == [("opset", "")]
 
 
+def test_old_opset_file_is_reported_by_the_rule_not_by_onnx_checker(tmp_path: Path) -> None:
+    # below opset 13 onnx.checker rejects the per-channel DequantizeLinear ("Unrecognized attribute: axis")
+    model = clean_conv_model()
+    model.opset_import[0].version = 12
+    with pytest.raises(onnx.checker.ValidationError, match="axis"):
+        onnx.checker.check_model(model)
+    path = tmp_path / "opset12.onnx"
+    onnx.save(model, str(path))
+    report = lint_onnx_file(path)
+    assert found(report) == [("opset", "")]
+
+
+def test_file_failing_onnx_checker_otherwise_is_a_user_error(tmp_path: Path) -> None:
+    model = clean_conv_model()
+    model.graph.node[3].input[1] = "nowhere"  # the Conv reads a tensor nothing writes
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(QuantlabError, match="fails onnx.checker"):
+        lint_onnx_file(path)
+    assert lint_onnx_file(_saved(clean_conv_model(), tmp_path / "clean.onnx"))
+
+
+def _saved(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
 def test_nothing_quantized() -> None:
     model = clean_conv_model()
     del model.graph.node[:3]
@@ -228,11 +255,13 @@ def test_scale_computed_at_run_time() -> None:
     assert report.issues[0].tensor == "x_scale"
 
 
-@pytest.mark.parametrize("value", [0.0, -0.5, np.nan, np.inf])
-def test_activation_scale_not_positive_finite(value: float) -> None:
+@pytest.mark.parametrize(("value", "shown"), [(0.0, "0.0"), (-0.0078125, "-0.0078125"), (np.nan, "nan"), (np.inf, "inf")])
+def test_activation_scale_not_positive_finite(value: float, shown: str) -> None:
     model = clean_conv_model()
     _set_init(model, "x_scale", value)
-    assert found(lint_tensorrt(model)) == [("scale-value", "x_q"), ("scale-value", "x_dq")]
+    report = lint_tensorrt(model)
+    assert found(report) == [("scale-value", "x_q"), ("scale-value", "x_dq")]
+    assert f"holds {shown}; scales must be finite" in report.issues[0].message  # a plain number, no np.float64(...)
 
 
 def test_one_weight_scale_is_zero() -> None:

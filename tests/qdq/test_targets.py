@@ -65,6 +65,36 @@ def test_ort_cpu_target_structure(calibrated, tmp_path):
     assert not lint_tensorrt(model)  # U8 zero-points and INT32 biases are not TensorRT's rules
 
 
+def test_quantized_graph_output_keeps_its_name(tmp_path):
+    # ONNX Runtime renames the float tensor in front of a quantized graph output
+    # "<output>_QuantizeLinear_Input"; its scale and zero-point are still the output's.  ort-cpu quantizes a
+    # convolution's output (U8 flows on), so a Conv that writes the graph output shows it.
+    from onnx import TensorProto, helper
+
+    from conftest import save_model
+
+    g = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(g.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")],
+    )
+    pm = prepare_model(save_model(graph, tmp_path / "conv.onnx"))
+    stats = collect_stats(pm, [{"x": g.standard_normal((4, 3, 8, 8)).astype(np.float32)}])
+    ranges = compute_ranges(stats, get_calibrator("minmax"), TARGETS["ort-cpu"])
+    write_qdq_model(pm.path, ranges, TARGETS["ort-cpu"], tmp_path / "q.onnx")
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith("y"))
+    assert q.input[0] == "y_QuantizeLinear_Input"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    y = next(p for p in read_quant_params(model) if p.tensor == "y")
+    assert y.kind == "activation" and y.dtype == "uint8"
+    assert y.scale == (float(inits[q.input[1]]),) and y.zero_point == (int(inits[q.input[2]]),)
+    assert y.scale[0] == pytest.approx((ranges["y"].hi - ranges["y"].lo) / 255, rel=1e-6)
+    assert not any(p.tensor.endswith("_QuantizeLinear_Input") for p in read_quant_params(model))
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_int8_outputs_close_to_fp32(calibrated, tmp_path, target):
     pm, stats, batches = calibrated
