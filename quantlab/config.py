@@ -18,6 +18,8 @@ from quantlab.errors import QuantlabError, check
 
 TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu")
 CALIBRATOR_NAMES: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+# graph transforms of the FP32 model before calibration, in the order they always run
+TRANSFORM_NAMES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction")
 
 
 def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -133,7 +135,9 @@ class PtqConfig:
     ``exclude`` names nodes of the model to leave in float in every INT8 model; nodes that write or
     read a tensor holding fill values (an attention mask's -3.4e38) are left in float as well.
     ``report = false`` skips the HTML/Markdown report at the end of the run (``quantlab report``
-    writes it later).
+    writes it later).  ``transforms`` names graph transforms of the FP32 model (see
+    :mod:`quantlab.transforms` and ``[transforms]``) that run before the statistics pass, always in
+    the order of :data:`TRANSFORM_NAMES` whatever the order listed.
     """
 
     calibrators: tuple[str, ...] = CALIBRATOR_NAMES
@@ -144,8 +148,12 @@ class PtqConfig:
     latency_runs: int = 20
     exclude: tuple[str, ...] = ()
     report: bool = True
+    transforms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for t in self.transforms:
+            _one_of(t, TRANSFORM_NAMES, "transform")
+        check(len(set(self.transforms)) == len(self.transforms), f"ptq.transforms names a transform twice: {list(self.transforms)}")
         check(len(self.calibrators) > 0, "ptq.calibrators is empty: name at least one of " + ", ".join(CALIBRATOR_NAMES))
         check(len(self.targets) > 0, "ptq.targets is empty: name at least one of " + ", ".join(TARGETS))
         for c in self.calibrators:
@@ -307,6 +315,44 @@ class QatConfig:
 
 
 @dataclass(frozen=True)
+class TransformConfig:
+    """Parameters of the graph transforms of :mod:`quantlab.transforms` (``[transforms]``).
+
+    ``smoothquant_alpha``: the migration strength ``a`` of SmoothQuant, a number in [0, 1], or
+    ``"auto"`` to search it per layer on the calibration data (the grid ``smoothquant_grid``, each
+    value judged by the layer's output error after INT8 quantization).  ``smoothquant_rows``: rows
+    (tokens) of calibration activations the search uses per layer.  ``adaround_iterations``:
+    optimizer steps per layer of AdaRound; ``adaround_device``: ``auto`` (CUDA when available),
+    ``cpu`` or ``cuda``.  ``seed`` fixes every random choice (row samples, mini-batches).
+    """
+
+    smoothquant_alpha: float | str = "auto"
+    smoothquant_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+    smoothquant_rows: int = 2048
+    adaround_iterations: int = 200
+    adaround_device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        a = self.smoothquant_alpha
+        check(
+            a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0),
+            f"transforms.smoothquant_alpha must be a number in [0, 1] or \"auto\", got {a!r}",
+        )
+        check(
+            len(self.smoothquant_grid) > 0 and all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in self.smoothquant_grid),
+            f"transforms.smoothquant_grid must be numbers in [0, 1], got {list(self.smoothquant_grid)}",
+        )
+        check(isinstance(self.smoothquant_rows, int) and self.smoothquant_rows > 0,
+              f"transforms.smoothquant_rows must be a positive integer, got {self.smoothquant_rows!r}")
+        check(isinstance(self.adaround_iterations, int) and not isinstance(self.adaround_iterations, bool)
+              and self.adaround_iterations > 0,
+              f"transforms.adaround_iterations must be a positive integer, got {self.adaround_iterations!r}")
+        _one_of(self.adaround_device, ("auto", "cpu", "cuda"), "transforms.adaround_device")
+        check(isinstance(self.seed, int), f"transforms.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +361,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     qat: QatConfig = field(default_factory=QatConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
     tolerance: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path.cwd)
 
@@ -349,7 +396,7 @@ def package_path(spec: str) -> Path:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "ptq": PtqConfig, "compare": CompareConfig,
-    "tune": TuneConfig, "gate": GateConfig, "qat": QatConfig,
+    "tune": TuneConfig, "gate": GateConfig, "qat": QatConfig, "transforms": TransformConfig,
 }
 
 
