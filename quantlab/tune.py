@@ -111,9 +111,9 @@ def partial_quantization(
 
     t0 = time.perf_counter()
     primary = ev.primary
-    fp32_model = onnx.load(str(ev.fp32_path))
+    fp32_model = onnx.load(str(ev.graph_path))  # the graph the INT8 model was quantized from
     int8_model = onnx.load(str(ev.run_dir / best.path))
-    layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output,
+    layers = analyse_layers(ev.config, ev.graph_path, ev.run_dir / best.path, best.name, ev.data, ev.output,
                             ev.reference[ev.output])
     ev.layers = layers  # the report shows them beside the ladder
     ranked = [r["node"] for r in layers["rows"] if r.get("sensitivity") is not None]

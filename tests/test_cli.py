@@ -103,3 +103,20 @@ def test_model_flag_alone_ignores_a_local_config(capsys, tmp_path, tiny_model, t
     code, out, _ = run(capsys, "ptq", "--model", str(tiny_model), "--calib", str(tiny_calib), "--calibrator", "minmax",
                        "--out", "runs")
     assert code == 0 and (tmp_path / "runs" / "tiny" / "int8" / "minmax.tensorrt.onnx").is_file()
+
+
+def test_transform_flags(capsys, tiny_config, tmp_path):
+    out = tmp_path / "out"
+    assert "unknown transform 'gptq': choose one of equalize, smoothquant, adaround, bias-correction" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--transform", "smoothquant,gptq")
+    assert "smoothquant_alpha must be a number in [0, 1]" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--transform", "smoothquant", "--smoothquant-alpha", "1.5")
+    assert "--smoothquant-alpha must be a number in [0, 1] or auto, got 'high'" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--smoothquant-alpha", "high")
+    assert "adaround_iterations must be a positive integer" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--adaround-iterations", "0")
+    assert not out.exists()
+    code, printed, _ = run(capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--calibrator", "minmax",
+                           "--transform", "equalize,smoothquant", "--smoothquant-alpha", "0.5", "--no-report")
+    assert code == 0 and printed.count("transform equalize") == 1 and "no layer pair to equalize" in printed
+    assert "transform smoothquant" in printed

@@ -23,13 +23,18 @@ PTQ run keeps the untransformed model as its FP32 reference.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
+import numpy as np
 import onnx
 
 from quantlab.config import TRANSFORM_NAMES, TransformConfig
 from quantlab.errors import check
+from quantlab.model import PreparedModel
 from quantlab.transforms.graph import Feed
 from quantlab.transforms.result import TransformResult
 
@@ -87,4 +92,54 @@ def apply_transforms(
     return model, results
 
 
-__all__ = ["NEEDS_DATA", "Transform", "TransformResult", "apply_transforms", "get_transform", "ordered"]
+def _cache_key(sha256: str, names: Sequence[str], data: Sequence[Feed], config: TransformConfig,
+               keep: Sequence[str]) -> str:
+    """Everything a transformed model depends on: the model, the transforms and their parameters,
+    the nodes kept in float, every calibration array, and the versions of the numeric libraries."""
+    import onnxruntime
+
+    h = hashlib.sha256(json.dumps([sha256, ordered(names), asdict(config), sorted(keep), onnxruntime.__version__,
+                                   np.__version__]).encode())
+    if "adaround" in names:
+        import torch
+
+        h.update(torch.__version__.encode())
+    for feed in data:
+        for key in sorted(feed):
+            a = np.ascontiguousarray(feed[key])
+            h.update(f"{key}:{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def transform_prepared(prepared: PreparedModel, names: Sequence[str], data: Sequence[Feed],
+                       config: TransformConfig, keep: Sequence[str] = ()) -> tuple[PreparedModel, list[TransformResult]]:
+    """:func:`apply_transforms` on a prepared model, cached by :func:`_cache_key`.
+
+    The transformed model and the records go into quantlab's cache, so a second run with the same
+    model, data and settings (a gate, a tune rung, another calibrator) costs no optimisation.
+    """
+    from quantlab.model import cache_dir, prepared_from
+
+    key = _cache_key(prepared.sha256, names, data, config, keep)
+    record = cache_dir() / "transformed" / f"{key[:24]}.json"
+    if record.exists():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        path = cache_dir() / "transformed" / saved["model"]
+        if path.exists():
+            t0 = time.perf_counter()
+            out = prepared_from(onnx.load(str(path)), prepared.source)
+            seconds = (time.perf_counter() - t0) / max(len(saved["results"]), 1)
+            results = [TransformResult(**{**r, "seconds": seconds, "cached": True}) for r in saved["results"]]
+            return out, results
+    model, results = apply_transforms(onnx.load(str(prepared.path)), names, data, config, keep)
+    out = prepared_from(model, prepared.source)
+    payload = {"model": out.path.name, "results": [r.to_dict() for r in results]}
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
+    tmp.replace(record)
+    return out, results
+
+
+__all__ = ["NEEDS_DATA", "Transform", "TransformResult", "apply_transforms", "get_transform", "ordered",
+           "transform_prepared"]

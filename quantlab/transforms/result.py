@@ -18,6 +18,7 @@ class TransformResult:
         keep_float: nodes it added that must stay in float (an explicit scaling ``Mul``: its
             per-channel constant would not survive INT8).
         seconds: wall time (kept out of :meth:`to_dict`, which must not change run to run).
+        cached: whether the transformed model came from quantlab's cache (also kept out).
     """
 
     name: str
@@ -26,6 +27,7 @@ class TransformResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     keep_float: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "applied": self.applied, "detail": self.detail, "layers": self.layers,

@@ -146,3 +146,19 @@ def test_run_without_manifest_and_mismatched_eval_data(run, tmp_path, capsys) ->
     np.save(unlabelled / "sample.npy", np.zeros((3, 8, 8), np.float32))
     assert main(["compare", "--config", str(config_path), "--run", str(run_dir), "--eval", str(unlabelled)]) == 2
     assert "cannot read a class label from 'sample.npy'" in capsys.readouterr().err
+
+
+def test_transformed_run_is_judged_against_the_untransformed_fp32(run: tuple[Path, Path]) -> None:
+    """INT8 models of a transformed graph: FP32 is the original model, the per-layer analysis pairs
+    each INT8 layer with the transformed graph it was quantized from."""
+    from quantlab.config import override
+    from quantlab.ptq import run_ptq
+
+    _, config_path = run
+    config = override(load_config(config_path), "ptq", transforms=("smoothquant", "bias-correction"),
+                      calibrators=("minmax",), run_name="transformed", report=False)
+    run_dir = run_ptq(config).run_dir
+    result = run_compare(config, run_dir)
+    assert result["fp32"].path == "model_fp32.onnx" and result["fp32"].metrics["sqnr_db"] == 999.0
+    assert result.layers and result.layers["rows"] and not result.layers.get("skipped")
+    assert any(r["node"].startswith("fc") for r in result.layers["rows"])
