@@ -164,7 +164,7 @@ class PtqConfig:
         check(self.latency_runs >= 0, f"ptq.latency_runs must be >= 0, got {self.latency_runs}")
 
 
-TASKS: tuple[str, ...] = ("classification", "dense", "embedding", "outputs")
+TASKS: tuple[str, ...] = ("classification", "dense", "embedding", "detection", "outputs")
 BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt")
 
 
@@ -182,6 +182,10 @@ class CompareConfig:
       KL divergence of the softmax against FP32 everywhere;
     * ``dense``: IoU of the maps thresholded at ``dense_threshold`` and mean absolute error vs FP32;
     * ``embedding``: cosine similarity to FP32 and retrieval top-``retrieval_k`` agreement;
+    * ``detection``: the ``dense`` metrics plus box precision, recall and F1 against FP32's boxes:
+      boxes from the map as rapidocr's DB post-processing makes them (threshold ``dense_threshold``,
+      mean probability at least ``box_threshold``, expanded by ``box_unclip_ratio``, a 2x2 dilation
+      when ``box_dilation``), matched one to one at IoU >= ``box_iou``;
     * ``outputs``: only the per-output metrics (cosine, SQNR, max abs error, within atol/rtol),
       which every task reports too.
 
@@ -202,6 +206,10 @@ class CompareConfig:
     task: str = "outputs"
     output: str | None = None
     dense_threshold: float = 0.3
+    box_threshold: float = 0.5
+    box_unclip_ratio: float = 1.6
+    box_dilation: bool = True
+    box_iou: float = 0.5
     retrieval_k: int = 5
     metric: str | None = None
     primary: str | None = None
@@ -224,6 +232,9 @@ class CompareConfig:
         check(self.extra_crops >= 1, f"compare.extra_crops must be >= 1, got {self.extra_crops}")
         check(0.0 <= self.dense_threshold, f"compare.dense_threshold must be >= 0, got {self.dense_threshold}")
         check(self.retrieval_k >= 1, f"compare.retrieval_k must be >= 1, got {self.retrieval_k}")
+        check(0.0 <= self.box_threshold <= 1.0, f"compare.box_threshold must be in [0, 1], got {self.box_threshold}")
+        check(self.box_unclip_ratio > 0, f"compare.box_unclip_ratio must be > 0, got {self.box_unclip_ratio}")
+        check(0.0 < self.box_iou <= 1.0, f"compare.box_iou must be in (0, 1], got {self.box_iou}")
         check(
             self.metric is None or ":" in self.metric,
             f"compare.metric must be 'module:function', got '{self.metric}'",

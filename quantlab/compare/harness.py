@@ -391,8 +391,9 @@ def engine_metrics(
         n: {k: _stable(v) for k, v in M.output_metrics(ref[n], out[n], c.atol, c.rtol).items()} for n in ref
     }
     flat: dict[str, float | None] = dict(per_output[output])
+    boxes = M.BoxParams(c.dense_threshold, c.box_threshold, c.box_unclip_ratio, c.box_dilation, c.box_iou)
     task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
-                          retrieval_k=c.retrieval_k)
+                          retrieval_k=c.retrieval_k, boxes=boxes)
     flat.update({k: _stable(v) for k, v in task.items()})
     if user is not None:
         flat.update({k: _stable(v) for k, v in M.user_metrics(user[1], user[0], ref, out, labels).items()})
