@@ -255,7 +255,9 @@ class CompareConfig:
 class TuneConfig:
     """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
 
-    ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
+    ``target`` is the target whose INT8 engines the ladder works on.  ``recipes`` are the sets of
+    graph transforms (:mod:`quantlab.transforms`) tried after the calibrator sweep, each with every
+    calibrator (an empty list skips the rung).  Partial quantization keeps at
     most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` runs
     quantization-aware training when the config names a PyTorch model, ``"on"`` requires it (an
     error without one), ``"off"`` stops the ladder before it.
@@ -264,9 +266,18 @@ class TuneConfig:
     target: str = "ort-cpu"
     max_float_layers: int = 8
     qat: str = "auto"
+    recipes: tuple[tuple[str, ...], ...] = (
+        ("equalize",), ("smoothquant",), ("bias-correction",), ("equalize", "bias-correction"),
+        ("smoothquant", "bias-correction"), ("adaround",), ("smoothquant", "adaround"),
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.target, TARGETS, "tune.target")
+        for recipe in self.recipes:
+            check(isinstance(recipe, tuple) and len(recipe) > 0,
+                  f"tune.recipes must be lists of transform names, e.g. [[\"smoothquant\"], [\"equalize\", \"bias-correction\"]], got {recipe!r}")
+            for t in recipe:
+                _one_of(t, TRANSFORM_NAMES, "transform in tune.recipes")
         _one_of(self.qat, ("auto", "on", "off"), "tune.qat")
         check(self.max_float_layers >= 0, f"tune.max_float_layers must be >= 0, got {self.max_float_layers}")
 
