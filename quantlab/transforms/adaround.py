@@ -123,7 +123,7 @@ def _forward(torch, op: _Op, x, w, b):
     return y
 
 
-def _channel_last_sum(torch, d, kind: str):
+def _reconstruction_loss(torch, d, kind: str):
     """Squared error summed over the output channels, averaged over everything else (BRECQ's norm)."""
     return d.pow(2).sum(1 if kind == "conv" else -1).mean()
 
@@ -247,7 +247,7 @@ def _round_layer(torch, x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: 
         with torch.no_grad():
             target = _forward(torch, op, xb, w_t, b_t)
         h = _rectified_sigmoid(torch, v)
-        loss = _channel_last_sum(torch, _forward(torch, op, xb, weight(h), b_t) - target, op.kind)
+        loss = _reconstruction_loss(torch, _forward(torch, op, xb, weight(h), b_t) - target, op.kind)
         if it >= warm:
             beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - (it - warm) / max(iterations - warm, 1))
             loss = loss + LAMBDA * (1 - (2 * h - 1).abs().pow(beta)).sum()

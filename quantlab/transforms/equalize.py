@@ -81,7 +81,7 @@ def _input_interval(g: Graph, tensor: str) -> tuple[float, float]:
     if p is not None and p.op_type == "Clip":
         bounds = _clip_bounds(g, p)
         if bounds is not None:
-            return max(bounds[0], -math.inf), bounds[1]
+            return bounds
     return -math.inf, math.inf
 
 
@@ -164,7 +164,7 @@ def _trace_activation(g: Graph, tensor: str, depth: int = 6) -> tuple[Layer | No
     """Walk back from ``tensor`` through element-wise nodes to a weighted layer: ``(layer, ops)``."""
     ops: list[str] = []
     frontier = [tensor]
-    seen: set[str] = set()
+    seen: set[int] = set()
     found: Layer | None = None
     for _ in range(depth):
         nxt = []
