@@ -63,6 +63,8 @@ class _Op:
     trans_b: bool = False
     alpha: float = 1.0
     act: tuple[float, float] | None = None  # clamp bounds of a following Relu/Clip
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads follow the input size
+    kernel: tuple[int, ...] = ()
 
 
 def _activation(g: Graph, layer: Layer) -> tuple[float, float] | None:
@@ -90,14 +92,31 @@ def _op(g: Graph, layer: Layer) -> _Op | None:
         return _Op("matmul", act=act)
     if node.op_type == "Gemm":
         return _Op("gemm", trans_b=bool(attr(node, "transB", 0)), alpha=float(attr(node, "alpha", 1.0)), act=act)
-    if node.op_type != "Conv" or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if node.op_type != "Conv":
         return None
-    spatial = len(g.inits[layer.weight].dims) - 2
-    if spatial not in (1, 2, 3):
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    dims = g.inits[layer.weight].dims
+    spatial = len(dims) - 2
+    if spatial not in (1, 2, 3) or auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return None
-    pads = tuple(attr(node, "pads", [0] * 2 * spatial))
+    pads = tuple(attr(node, "pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else (0,) * 2 * spatial
     return _Op("conv", pads, tuple(attr(node, "strides", [1] * spatial)), tuple(attr(node, "dilations", [1] * spatial)),
-               layer.groups, act=act)
+               layer.groups, act=act, auto_pad=auto_pad, kernel=tuple(dims[2:]))
+
+
+def _pads(op: _Op, size: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(begin, end)`` padding per spatial axis; ONNX's SAME_* rule for an input of ``size``."""
+    spatial = len(op.strides)
+    if not op.auto_pad.startswith("SAME"):
+        return op.pads[:spatial], op.pads[spatial:]
+    begin, end = [], []
+    for n, k, s, d in zip(size, op.kernel, op.strides, op.dilations):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small = total // 2
+        begin.append(small if op.auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return tuple(begin), tuple(end)
 
 
 def _forward(torch, op: _Op, x, w, b):
@@ -105,7 +124,7 @@ def _forward(torch, op: _Op, x, w, b):
     F = torch.nn.functional
     if op.kind == "conv":
         spatial = len(op.strides)
-        begin, end = op.pads[:spatial], op.pads[spatial:]
+        begin, end = _pads(op, tuple(x.shape[2:]))
         pad = [p for d in reversed(range(spatial)) for p in (begin[d], end[d])]  # F.pad: last axis first
         if any(pad):
             x = F.pad(x, pad)
@@ -282,14 +301,16 @@ def adaround(model: onnx.ModelProto, data: Sequence[Feed], config: TransformConf
     import torch
 
     g = Graph(model)
-    layers, passed = [], []
+    layers, shared, unsupported = [], [], []
     for layer in g.layers():
         if layer.name in keep:
             continue
-        if not g.owns(layer) or _op(g, layer) is None:
-            passed.append(layer.name)
-            continue
-        layers.append(layer)
+        if not g.owns(layer):
+            shared.append(layer.name)
+        elif _op(g, layer) is None:
+            unsupported.append(f"{layer.node.op_type} {layer.name}")
+        else:
+            layers.append(layer)
     if not layers:
         return model, TransformResult("adaround", False, "no Conv, Gemm or MatMul with a constant weight to round")
     device = config.adaround_device
@@ -299,8 +320,10 @@ def adaround(model: onnx.ModelProto, data: Sequence[Feed], config: TransformConf
     records, better = _round_all(g, model, layers, data, samples, config, device)
     detail = (f"rounded {len(records)} layer(s) ({config.adaround_iterations} steps each, {device}); "
               f"layer output error below nearest rounding in {better}")
-    if passed:
-        detail += f"; {len(passed)} layer(s) left as they are (shared weight or unsupported attributes)"
+    if shared:
+        detail += f"; {len(shared)} layer(s) sharing a weight left as they are"
+    if unsupported:
+        detail += f"; not rounded (not handled): {', '.join(unsupported)}"
     return g.model, TransformResult("adaround", True, detail, records)
 
 

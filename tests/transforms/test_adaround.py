@@ -77,3 +77,24 @@ def test_same_seed_same_weights(tiny_model):
     assert a.SerializeToString() == b.SerializeToString()
     kept, result = adaround(model, data, config, frozenset({"conv2", "fc"}))
     assert [r["layer"] for r in result.layers] == ["conv1"]  # layers kept in float are not rounded
+
+
+def test_same_padding_matches_onnx_runtime():
+    """A Conv with auto_pad SAME_UPPER (as in PP-OCR) is applied in PyTorch as ONNX Runtime runs it."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from quantlab.collect import ort_session
+    from quantlab.transforms.adaround import _forward, _op
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", auto_pad="SAME_UPPER", kernel_shape=[2, 2])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 7, 6])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = Graph(model)
+    op = _op(g, g.layer(node))
+    x = np.random.default_rng(1).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    got = _forward(torch, op, torch.from_numpy(x), torch.from_numpy(w), None).numpy()
+    np.testing.assert_allclose(got, ort_session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
