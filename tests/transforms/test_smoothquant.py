@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quantlab.collect import ort_session
 from quantlab.config import TransformConfig
 from quantlab.transforms.graph import Graph
-from quantlab.transforms.smoothquant import smoothing_scale, smoothquant
+from quantlab.transforms.smoothquant import output_error, smoothing_scale, smoothquant
 
 from conftest import ROOT
 
@@ -67,7 +67,7 @@ def test_same_outputs_and_lower_int8_error():
         np.testing.assert_allclose(_run(out, feed), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     ln = next(r for r in result.layers if r["input"] == "ln")
     assert ln["fold"] == "layernorm" and sorted(ln["layers"]) == ["mm_a", "mm_k"]
-    assert ln["error_after"] < ln["error_before"] / 4  # the outlier channels no longer set the INT8 step
+    assert ln["error_after"] < ln["error_before"] / 2  # the outlier channels no longer set the INT8 step
 
 
 def test_layernorm_fold_restores_the_residual_and_muls_stay_float():
@@ -142,3 +142,26 @@ def test_minilm_computes_the_same_after_smoothing():
     ref, got = _run(model, evaluation), _run(out, evaluation)
     cosine = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert np.abs(got - ref).max() < 1e-5 and cosine.min() > 1 - 1e-6
+
+
+def test_maxima_from_too_few_samples_are_not_trusted():
+    """Per-channel maxima of a handful of samples do not hold on the others: the cross-validated
+    search sees the clipping an in-sample search would miss, and leaves such a layer alone."""
+    g = np.random.default_rng(0)
+    k, n = 64, 8
+    w = (g.standard_normal((k, n)) * 0.2).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g", [x], [y],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # heavy-tailed activations: each channel's maximum over 6 samples says little about the next 6
+    data = [{"x": (g.standard_cauchy((3, k)) * 0.1).astype(np.float32)} for _ in range(2)]
+    rows = np.concatenate([d["x"] for d in data])
+    cmax, wmax = np.abs(rows).max(0), np.abs(w).max(1)
+    in_sample = output_error(rows, cmax, [w], smoothing_scale(cmax, wmax, 0.6))
+    assert in_sample < output_error(rows, cmax, [w], np.ones(k, np.float32)) / 5  # in-sample, smoothing looks good
+    out, result = smoothquant(model, data, TransformConfig())
+    record = result.layers[0]
+    assert record["alpha"] is None and record["fold"] == "none" and not result.applied and out is model
+    assert "no group of the 1 MatMul/Gemm input(s) had a lower INT8 error" in result.detail
