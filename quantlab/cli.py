@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from quantlab.config import CALIBRATOR_NAMES, TARGETS, Config, load_config, override
+from quantlab.config import CALIBRATOR_NAMES, TARGETS, TRANSFORM_NAMES, Config, load_config, override
 from quantlab.errors import QuantlabError, check, describe, raised_by_onnx
 
 
@@ -22,6 +22,26 @@ def _names(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
     for n in names:
         check(n in allowed, f"unknown {what} '{n}': choose one of {', '.join(allowed)} or all")
     return names
+
+
+def _transforms(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if value.strip() == "none":
+        return ()
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    for n in names:
+        check(n in TRANSFORM_NAMES, f"unknown transform '{n}': choose one of {', '.join(TRANSFORM_NAMES)}, a comma list, or none")
+    return names
+
+
+def _alpha(value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise QuantlabError(f"--smoothquant-alpha must be a number in [0, 1] or auto, got '{value}'") from None
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -60,7 +80,7 @@ def _ptq_config(args: argparse.Namespace) -> Config:
         config = override(config, "model", input_shapes={**config.model.input_shapes, **shapes})
     config = override(config, "data", calib=str(Path(args.calib).resolve()) if args.calib else None,
                       batch_size=args.batch_size, max_samples=args.max_samples)
-    return override(
+    config = override(
         config, "ptq",
         calibrators=_names(args.calibrator, CALIBRATOR_NAMES, "calibrator"),
         targets=_names(args.target, TARGETS, "target"),
@@ -68,7 +88,10 @@ def _ptq_config(args: argparse.Namespace) -> Config:
         percentile=args.percentile,
         run_name=args.name,
         report=False if args.no_report else None,
+        transforms=_transforms(args.transform),
     )
+    return override(config, "transforms", smoothquant_alpha=_alpha(args.smoothquant_alpha),
+                    adaround_iterations=args.adaround_iterations)
 
 
 def _progress(total: int):
@@ -200,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", metavar="NAME=D,D,...",
                    help="size of a model input's dynamic dimensions, e.g. x=1,3,640,640 (repeatable; as [model.input_shapes])")
     p.add_argument("--no-report", action="store_true", help="skip index.html/summary.md (quantlab report writes them later)")
+    p.add_argument("--transform", help=f"graph transforms before calibration: {', '.join(TRANSFORM_NAMES)}, a comma list, "
+                                       "or none (overrides [ptq] transforms)")
+    p.add_argument("--smoothquant-alpha", help="SmoothQuant migration strength in [0, 1], or auto (searched per layer)")
+    p.add_argument("--adaround-iterations", type=int, help="AdaRound optimizer steps per layer")
     p.set_defaults(func=cmd_ptq)
     p = sub.add_parser("compare", help="evaluate the FP32, FP16 and INT8 engines of a run: accuracy, per-layer error, latency")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")

@@ -20,6 +20,8 @@ from quantlab.errors import QuantlabError, check
 TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu", "ort-dynamic")
 DEFAULT_TARGETS: tuple[str, ...] = ("tensorrt", "ort-cpu")  # the static ones; "all" adds ort-dynamic
 CALIBRATOR_NAMES: tuple[str, ...] = CALIBRATORS  # every registered name; a run uses DEFAULT_CALIBRATORS
+# graph transforms of the FP32 model before calibration, in the order they always run
+TRANSFORM_NAMES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction")
 
 
 def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -135,7 +137,9 @@ class PtqConfig:
     ``exclude`` names nodes of the model to leave in float in every INT8 model; nodes that write or
     read a tensor holding fill values (an attention mask's -3.4e38) are left in float as well.
     ``report = false`` skips the HTML/Markdown report at the end of the run (``quantlab report``
-    writes it later).
+    writes it later).  ``transforms`` names graph transforms of the FP32 model (see
+    :mod:`quantlab.transforms` and ``[transforms]``) that run before the statistics pass, always in
+    the order of :data:`TRANSFORM_NAMES` whatever the order listed.
     """
 
     calibrators: tuple[str, ...] = DEFAULT_CALIBRATORS
@@ -146,8 +150,12 @@ class PtqConfig:
     latency_runs: int = 20
     exclude: tuple[str, ...] = ()
     report: bool = True
+    transforms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for t in self.transforms:
+            _one_of(t, TRANSFORM_NAMES, "transform")
+        check(len(set(self.transforms)) == len(self.transforms), f"ptq.transforms names a transform twice: {list(self.transforms)}")
         check(len(self.calibrators) > 0, "ptq.calibrators is empty: name at least one of " + ", ".join(CALIBRATOR_NAMES))
         check(len(self.targets) > 0, "ptq.targets is empty: name at least one of " + ", ".join(TARGETS))
         for c in self.calibrators:
@@ -158,7 +166,7 @@ class PtqConfig:
         check(self.latency_runs >= 0, f"ptq.latency_runs must be >= 0, got {self.latency_runs}")
 
 
-TASKS: tuple[str, ...] = ("classification", "dense", "embedding", "outputs")
+TASKS: tuple[str, ...] = ("classification", "dense", "embedding", "detection", "outputs")
 BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt")
 
 
@@ -176,6 +184,10 @@ class CompareConfig:
       KL divergence of the softmax against FP32 everywhere;
     * ``dense``: IoU of the maps thresholded at ``dense_threshold`` and mean absolute error vs FP32;
     * ``embedding``: cosine similarity to FP32 and retrieval top-``retrieval_k`` agreement;
+    * ``detection``: the ``dense`` metrics plus box precision, recall and F1 against FP32's boxes:
+      boxes from the map as rapidocr's DB post-processing makes them (threshold ``dense_threshold``,
+      mean probability at least ``box_threshold``, expanded by ``box_unclip_ratio``, a 2x2 dilation
+      when ``box_dilation``), matched one to one at IoU >= ``box_iou``;
     * ``outputs``: only the per-output metrics (cosine, SQNR, max abs error, within atol/rtol),
       which every task reports too.
 
@@ -196,6 +208,10 @@ class CompareConfig:
     task: str = "outputs"
     output: str | None = None
     dense_threshold: float = 0.3
+    box_threshold: float = 0.5
+    box_unclip_ratio: float = 1.6
+    box_dilation: bool = True
+    box_iou: float = 0.5
     retrieval_k: int = 5
     metric: str | None = None
     primary: str | None = None
@@ -218,6 +234,9 @@ class CompareConfig:
         check(self.extra_crops >= 1, f"compare.extra_crops must be >= 1, got {self.extra_crops}")
         check(0.0 <= self.dense_threshold, f"compare.dense_threshold must be >= 0, got {self.dense_threshold}")
         check(self.retrieval_k >= 1, f"compare.retrieval_k must be >= 1, got {self.retrieval_k}")
+        check(0.0 <= self.box_threshold <= 1.0, f"compare.box_threshold must be in [0, 1], got {self.box_threshold}")
+        check(self.box_unclip_ratio > 0, f"compare.box_unclip_ratio must be > 0, got {self.box_unclip_ratio}")
+        check(0.0 < self.box_iou <= 1.0, f"compare.box_iou must be in (0, 1], got {self.box_iou}")
         check(
             self.metric is None or ":" in self.metric,
             f"compare.metric must be 'module:function', got '{self.metric}'",
@@ -238,7 +257,9 @@ class CompareConfig:
 class TuneConfig:
     """The escalation ladder of ``quantlab tune``: calibrator sweep, partial quantization, QAT.
 
-    ``target`` is the target whose INT8 engines the ladder works on.  Partial quantization keeps at
+    ``target`` is the target whose INT8 engines the ladder works on.  ``recipes`` are the sets of
+    graph transforms (:mod:`quantlab.transforms`) tried after the calibrator sweep, each with every
+    calibrator (an empty list skips the rung).  Partial quantization keeps at
     most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` and ``"on"``
     run quantization-aware training when the earlier rungs miss the tolerance (the PyTorch model when
     the config names one, else the prepared ONNX graph converted to PyTorch), ``"off"`` stops the
@@ -248,9 +269,18 @@ class TuneConfig:
     target: str = "ort-cpu"
     max_float_layers: int = 8
     qat: str = "auto"
+    recipes: tuple[tuple[str, ...], ...] = (
+        ("equalize",), ("smoothquant",), ("bias-correction",), ("equalize", "bias-correction"),
+        ("smoothquant", "bias-correction"), ("adaround",), ("smoothquant", "adaround"),
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.target, TARGETS, "tune.target")
+        for recipe in self.recipes:
+            check(isinstance(recipe, tuple) and len(recipe) > 0,
+                  f"tune.recipes must be lists of transform names, e.g. [[\"smoothquant\"], [\"equalize\", \"bias-correction\"]], got {recipe!r}")
+            for t in recipe:
+                _one_of(t, TRANSFORM_NAMES, "transform in tune.recipes")
         _one_of(self.qat, ("auto", "on", "off"), "tune.qat")
         check(self.max_float_layers >= 0, f"tune.max_float_layers must be >= 0, got {self.max_float_layers}")
 
@@ -321,6 +351,44 @@ class QatConfig:
 
 
 @dataclass(frozen=True)
+class TransformConfig:
+    """Parameters of the graph transforms of :mod:`quantlab.transforms` (``[transforms]``).
+
+    ``smoothquant_alpha``: the migration strength ``a`` of SmoothQuant, a number in [0, 1], or
+    ``"auto"`` to search it per layer on the calibration data (the grid ``smoothquant_grid``, each
+    value judged by the layer's output error after INT8 quantization).  ``smoothquant_rows``: rows
+    (tokens) of calibration activations the search uses per layer.  ``adaround_iterations``:
+    optimizer steps per layer of AdaRound; ``adaround_device``: ``auto`` (CUDA when available),
+    ``cpu`` or ``cuda``.  ``seed`` fixes every random choice (row samples, mini-batches).
+    """
+
+    smoothquant_alpha: float | str = "auto"
+    smoothquant_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+    smoothquant_rows: int = 2048
+    adaround_iterations: int = 200
+    adaround_device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        a = self.smoothquant_alpha
+        check(
+            a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0),
+            f"transforms.smoothquant_alpha must be a number in [0, 1] or \"auto\", got {a!r}",
+        )
+        check(
+            len(self.smoothquant_grid) > 0 and all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in self.smoothquant_grid),
+            f"transforms.smoothquant_grid must be numbers in [0, 1], got {list(self.smoothquant_grid)}",
+        )
+        check(isinstance(self.smoothquant_rows, int) and self.smoothquant_rows > 0,
+              f"transforms.smoothquant_rows must be a positive integer, got {self.smoothquant_rows!r}")
+        check(isinstance(self.adaround_iterations, int) and not isinstance(self.adaround_iterations, bool)
+              and self.adaround_iterations > 0,
+              f"transforms.adaround_iterations must be a positive integer, got {self.adaround_iterations!r}")
+        _one_of(self.adaround_device, ("auto", "cpu", "cuda"), "transforms.adaround_device")
+        check(isinstance(self.seed, int), f"transforms.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,6 +397,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     qat: QatConfig = field(default_factory=QatConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
     tolerance: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path.cwd)
 
@@ -363,7 +432,7 @@ def package_path(spec: str) -> Path:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "ptq": PtqConfig, "compare": CompareConfig,
-    "tune": TuneConfig, "gate": GateConfig, "qat": QatConfig,
+    "tune": TuneConfig, "gate": GateConfig, "qat": QatConfig, "transforms": TransformConfig,
 }
 
 

@@ -373,6 +373,28 @@ def prepare_model(source: str | Path, input_shapes: dict[str, tuple[int, ...]] |
     )
 
 
+def prepared_from(model: onnx.ModelProto, source: Path, folder: str = "transformed") -> PreparedModel:
+    """A :class:`PreparedModel` for a model derived from a prepared one (e.g. by a graph transform).
+
+    The model is written into the cache under its content hash (atomically), so the same model is
+    one file and its statistics can be matched to it.
+    """
+    data = model.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(data).hexdigest()
+    out = cache_dir() / folder / f"{digest[:24]}.onnx"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    tensors, folded = _select_tensors(model)
+    return PreparedModel(
+        path=out, source=source, inputs=input_specs(model), outputs=[o.name for o in model.graph.output],
+        tensors=tensors, folded=folded, sha256=sha256_file(out),
+    )
+
+
 def _digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the model's serialized content."""
     check(

@@ -8,7 +8,9 @@
       config.json              the effective configuration (every field but ``root``)
       timing.json              measured times (the only file that differs run to run)
       stats.npz                the statistics; calibrate again from it without inference
-      model_fp32.onnx          the prepared FP32 graph everything else derives from
+      model_fp32.onnx          the prepared FP32 graph: the reference every engine is compared with
+      model_fp32_transformed.onnx  with ``[ptq] transforms``: the transformed FP32 graph the
+                               statistics and the INT8 models come from
       model_fp16.onnx          FP16 weights and compute, FP32 inputs and outputs
       int8/<calibrator>.<target>.onnx
       int8/dynamic.ort-dynamic.onnx  ONNX Runtime dynamic quantization (one model, no calibrator)
@@ -33,8 +35,10 @@ from quantlab.config import Config
 from quantlab.errors import QuantlabError, check, stage
 from quantlab.model import PreparedModel, export_pytorch, prepare_model
 from quantlab.stats import StatsSet
+from quantlab.transforms.result import TransformResult
 
 ProgressFactory = Callable[[int], Any]
+TRANSFORMED = "model_fp32_transformed.onnx"
 
 
 @dataclass
@@ -73,6 +77,7 @@ class PtqResult:
     notes: list[str] = field(default_factory=list)  # what preparation changed, artefacts not written
     latency_batch: int = 1  # the model's fixed batch size, else 1
     said: list[str] = field(default_factory=list)  # about the run as a whole, said once
+    transforms: list[TransformResult] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return all(e.ok for e in self.engines)
@@ -87,10 +92,12 @@ class PtqResult:
             "kept_float": self.kept_float,
             "preparation": self.notes,
             "notes": self.said,
+            "transforms": [t.to_dict() for t in self.transforms],
         }
 
     def __str__(self) -> str:
         head = f"{self.model}: {self.samples} calibration samples, {self.tensors} tensors calibrated (+{self.folded} folded)"
+        notes = [f"transform {t.name} ({'cached' if t.cached else f'{t.seconds:.1f} s'}): {t.detail}" for t in self.transforms]
         cols = ["calibrator", "target", "Q/DQ", "TRT rules", "cosine", "SQNR dB", "top-1 agree", "latency ms"]
         rows = []
         for e in self.engines:
@@ -105,7 +112,7 @@ class PtqResult:
             ])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
-        out = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
+        out = [head, *notes, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
         if self.fp32_latency_ms is not None:
             out.append(f"FP32 latency (batch {self.latency_batch}, median): {self.fp32_latency_ms:.2f} ms")
         if self.kept_float.get("nodes"):
@@ -115,6 +122,8 @@ class PtqResult:
                            "such as an attention mask's -3.4e38, which no INT8 scale can hold")
             if self.kept_float.get("excluded_by_config"):
                 why.append(f"{len(self.kept_float['excluded_by_config'])} named in [ptq] exclude")
+            if self.kept_float.get("added_by_transforms"):
+                why.append(f"{len(self.kept_float['added_by_transforms'])} scaling node(s) added by the transforms")
             out.append(f"kept in float: {len(self.kept_float['nodes'])} node(s) ({'; '.join(why)})")
         for target, failed in self.kept_float.get("quantizer_failed", {}).items():
             for node, why in failed.items():
@@ -122,6 +131,9 @@ class PtqResult:
         for note in self.notes:
             out.append(f"prepared: {note}")
         out.extend(self.said)
+        if self.transforms:
+            out.append("INT8 models quantize the transformed FP32 graph (model_fp32_transformed.onnx); "
+                       "model_fp32.onnx stays the untransformed reference")
         out.append(f"run folder: {self.run_dir}")
         return "\n".join(out)
 
@@ -151,6 +163,22 @@ def gather_stats(
     finally:
         if bar is not None:
             bar.close()
+
+
+def calibration_feeds(config: Config, prepared: PreparedModel) -> list[dict[str, np.ndarray]]:
+    """Every calibration batch in memory (what the data-driven transforms read)."""
+    from quantlab.data import make_reader
+
+    check(config.data.calib is not None, "no calibration data given: pass --calib FOLDER or set [data] calib in quantlab.toml")
+    return list(make_reader(config.data, config.resolve(config.data.calib), prepared.inputs, resolve=config.resolve))
+
+
+def transform_model(config: Config, prepared: PreparedModel, exclude: list[str]) -> tuple[PreparedModel, list[TransformResult]]:
+    """The prepared model after ``[ptq] transforms``, ready to calibrate (cached like preparation)."""
+    from quantlab.transforms import NEEDS_DATA, transform_prepared
+
+    feeds = calibration_feeds(config, prepared) if set(config.ptq.transforms) & NEEDS_DATA else []
+    return transform_prepared(prepared, config.ptq.transforms, feeds, config.transforms, exclude)
 
 
 def _first_batch(config: Config, prepared: PreparedModel) -> dict[str, np.ndarray]:
@@ -285,6 +313,15 @@ def run_ptq(
     for tname in config.ptq.targets:  # a target with nothing to quantize stops here, before any inference
         if tname in TARGETS:
             placement_for(fp32_model, TARGETS[tname], config.ptq.exclude)
+    reference_model = prepared  # the reference: compared with, and what FP16 is made from
+    transforms: list[TransformResult] = []
+    if config.ptq.transforms:
+        t0 = time.perf_counter()
+        prepared, transforms = transform_model(config, reference_model, sorted(config.ptq.exclude))
+        seconds["transforms"] = time.perf_counter() - t0
+        for t in transforms:
+            seconds[f"transform:{t.name}"] = t.seconds
+        fp32_model = onnx.load(str(prepared.path))
     t0 = time.perf_counter()
     if stats is None:
         with stage("statistics", f"running '{source.name}' in ONNX Runtime on the calibration data",
@@ -294,25 +331,29 @@ def run_ptq(
         stats = StatsSet.load(stats)
     check(
         stats.model_sha256 == prepared.sha256,
-        "the statistics were collected on a different model: re-run calibration for this model (drop --stats)",
+        "the statistics were collected on a different model (or with other [ptq] transforms): re-run calibration "
+        "for this model (drop --stats)",
     )
     seconds["statistics"] = time.perf_counter() - t0
     name = config.ptq.run_name or config.model.display_name
     run_dir = config.resolve(config.ptq.out) / name
-    feed = _first_batch(config, prepared)
-    batch = latency_batch(prepared)
+    feed = _first_batch(config, reference_model)
+    batch = latency_batch(reference_model)
     with stage("statistics", f"running '{source.name}' in ONNX Runtime on the first calibration batch",
                "check that the data matches the model's inputs (shapes, dtypes, preprocessing)"):
-        fp32 = ort_session(str(prepared.path), level="all")
+        fp32 = ort_session(str(reference_model.path), level="all")
         reference = fp32.run(None, feed)[0]
         fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs, batch)
 
     calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
-    notes = list(prepared.notes)
+    notes = list(reference_model.notes)
     # one quantize_static call per target; the other calibrators rewrite that model's scales
     fills = fill_value_tensors(stats)
-    kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills))),
+    added = sorted({n for t in transforms for n in t.keep_float})
+    kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills)) | set(added)),
                   "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
+    if added:
+        kept_float["added_by_transforms"] = added
     static_targets = [t for t in config.ptq.targets if t != DYNAMIC_TARGET]
     said: list[str] = []
     if DYNAMIC_TARGET in config.ptq.targets:
@@ -331,9 +372,12 @@ def run_ptq(
         t0 = time.perf_counter()
         stats.save(tmp / "stats.npz")
         artefacts.append(Artefact("stats.npz", "statistics"))
-        shutil.copyfile(prepared.path, tmp / "model_fp32.onnx")
+        shutil.copyfile(reference_model.path, tmp / "model_fp32.onnx")
         artefacts.append(Artefact("model_fp32.onnx", "model-fp32"))
-        fp16_error = try_write_fp16(prepared.path, tmp / "model_fp16.onnx")
+        if transforms:
+            shutil.copyfile(prepared.path, tmp / TRANSFORMED)
+            artefacts.append(Artefact(TRANSFORMED, "model-fp32-transformed"))
+        fp16_error = try_write_fp16(reference_model.path, tmp / "model_fp16.onnx")
         if fp16_error is None:
             artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
         else:
@@ -426,7 +470,7 @@ def run_ptq(
             kept_float["quantizer_failed"] = failures
         result = PtqResult(
             run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds, kept_float, notes, batch, said,
+            fp32_latency, seconds, kept_float, notes, batch, said, transforms,
         )
         write_text(tmp / "summary.json", dumps_json(result.to_dict()))
         artefacts.append(Artefact("summary.json", "summary"))
@@ -439,7 +483,9 @@ def run_ptq(
         artefacts.append(Artefact("timing.json", "timing"))
         manifest = {
             "quantlab": __version__,
-            "model": {"name": config.model.display_name, "source": prepared.source.name, "sha256": prepared.sha256},
+            "model": {"name": config.model.display_name, "source": reference_model.source.name, "sha256": reference_model.sha256,
+                      **({"transformed_sha256": prepared.sha256} if transforms else {})},
+            "transforms": [{"name": t.name, "applied": t.applied, "detail": t.detail} for t in transforms],
             "calibration": {"samples": stats.samples, "calibrators": list(config.ptq.calibrators),
                             "percentile": config.ptq.percentile, "targets": list(config.ptq.targets)},
             "artefacts": [a.to_dict(tmp) for a in artefacts],

@@ -4,13 +4,19 @@ The ladder follows Wu et al. 2020 (arXiv 2004.09602) and NNCF's accuracy control
 
 1. **calibrator sweep**: PTQ with every configured calibrator from one statistics pass; the best
    INT8 engine of ``[tune] target`` by the primary metric, judged by ``[tolerance]``.
-2. **partial quantization**: the layers of that engine ranked by sensitivity (the task output's
+2. **recipes**: PTQ again after graph transforms of the FP32 model (:mod:`quantlab.transforms`:
+   equalization, SmoothQuant, bias correction, AdaRound), each recipe of ``[tune] recipes`` (one
+   transform or a combination) with every calibrator, in order, validated on the full evaluation
+   set; a recipe none of whose transforms applies to the model is skipped without quantizing, and
+   the rung stops at the first engine that meets the tolerance.  The best engine so far (sweep or
+   recipe) goes on to the next rung; its recipe's run stays in ``recipes/<recipe>/``.
+3. **partial quantization**: the layers of that engine ranked by sensitivity (the task output's
    SQNR with only that layer quantized, :func:`quantlab.compare.harness.analyse_layers`); greedily
    the most sensitive layer goes back to FP32, the model is re-validated on the full evaluation set,
    a step that does not improve the primary metric is undone, until the tolerance holds or
    ``max_float_layers`` layers are in float.  The Q/DQ rewrite reuses the calibrated scales, so
    each step costs one evaluation, not a new quantization.
-3. **quantization-aware training** through nvidia-modelopt (:mod:`quantlab.qat`), initialised from
+4. **quantization-aware training** through nvidia-modelopt (:mod:`quantlab.qat`), initialised from
    the best calibrator's ranges, evaluated by the same harness after each epoch, stopping early
    once the tolerance holds or on a plateau; a model that exists only as ONNX trains as its
    prepared graph converted to PyTorch (:mod:`quantlab.qat.convert`).
@@ -103,18 +109,22 @@ def _summary(e: EngineResult) -> str:
 
 
 def partial_quantization(
-    ev: Evaluator, best: EngineResult, max_float: int, *, out: Path
+    ev: Evaluator, best: EngineResult, max_float: int, *, out: Path, graph: Path | None = None
 ) -> tuple[Rung, EngineResult | None]:
-    """Greedy float fallback of the most sensitive layers of ``best`` (see the module docstring)."""
+    """Greedy float fallback of the most sensitive layers of ``best`` (see the module docstring).
+
+    ``graph`` is the FP32 graph ``best`` was quantized from (default: the run's).
+    """
     import onnx
 
     from quantlab.compare.layers import keep_float
 
     t0 = time.perf_counter()
     primary = ev.primary
-    fp32_model = onnx.load(str(ev.fp32_path))
+    graph = graph or ev.graph_path
+    fp32_model = onnx.load(str(graph))  # the graph the INT8 model was quantized from
     int8_model = onnx.load(str(ev.run_dir / best.path))
-    layers = analyse_layers(ev.config, ev.fp32_path, ev.run_dir / best.path, best.name, ev.data, ev.output,
+    layers = analyse_layers(ev.config, graph, ev.run_dir / best.path, best.name, ev.data, ev.output,
                             ev.reference[ev.output])
     ev.layers = layers  # the report shows them beside the ladder
     ranked = [r["node"] for r in layers["rows"] if r.get("sensitivity") is not None]
@@ -187,6 +197,20 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
     rungs.append(Rung("calibrator-sweep", "pass" if passing else "fail", primary, best.metrics.get(primary), reference,
                       best.name, f"{detail}; best {best.calibrator}: {_summary(best)}"))
     final: EngineResult | None = best if passing else None
+    graph = ev.graph_path
+
+    if final is None:
+        if config.tune.recipes:
+            rung, recipe, recipe_graph = recipes(config, ev, best, progress)
+            rungs.append(rung)
+            if recipe is not None:
+                engines.append(recipe)
+                if recipe.tolerance_ok:
+                    final = recipe
+                if _better(primary, recipe.metrics.get(primary), best.metrics.get(primary)):
+                    best, graph = recipe, recipe_graph
+        else:
+            rungs.append(Rung("recipes", "skipped", primary, detail="tune.recipes is empty"))
 
     if final is None:
         if best.target == "ort-dynamic":
@@ -194,7 +218,7 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
                               detail="ort-dynamic has no Q/DQ to keep in float: set tune.target = \"ort-cpu\" for partial quantization"))
         elif config.tune.max_float_layers > 0:
             rung, partial = partial_quantization(ev, best, config.tune.max_float_layers,
-                                                 out=run / "int8" / f"partial.{best.target}.onnx")
+                                                 out=run / "int8" / f"partial.{best.target}.onnx", graph=graph)
             rungs.append(rung)
             if partial is not None:
                 engines.append(partial)
@@ -214,7 +238,7 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
                 if qat_engine.tolerance_ok:
                     final = qat_engine
     else:
-        for name in ("partial", "qat"):
+        for name in ("recipes", "partial", "qat")[len(rungs) - 1:]:
             rungs.append(Rung(name, "skipped", primary, detail="not needed: the tolerance already holds"))
 
     compare = ev.result(engines)
@@ -222,6 +246,60 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
     result = TuneResult(run, config.model.display_name, primary, rungs, final.name if final else None, compare)
     _write(run, result, compare)
     return result
+
+
+def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = None
+            ) -> tuple[Rung, EngineResult | None, Path | None]:
+    """PTQ after each recipe of graph transforms; the best engine, and the FP32 graph it comes from."""
+    import shutil
+
+    from quantlab.model import prepare_model
+    from quantlab.ptq import resolve_model, run_ptq, transform_model
+    from quantlab.transforms import ordered
+
+    t0 = time.perf_counter()
+    primary = ev.primary
+    folder = ev.run_dir / "recipes"
+    prepared = prepare_model(resolve_model(config), config.model.input_shapes)
+    notes: list[str] = []
+    winner: EngineResult | None = None
+    winner_dir: Path | None = None
+    for recipe in config.tune.recipes:
+        label = "+".join(ordered(recipe))
+        t1 = time.perf_counter()
+        cfg = override(config, "ptq", transforms=tuple(recipe), targets=(config.tune.target,), out=str(folder),
+                       run_name=label, report=False, latency_runs=0)
+        _, done = transform_model(cfg, prepared, sorted(cfg.ptq.exclude))  # cached: run_ptq reuses it
+        if not any(t.applied for t in done):
+            notes.append(f"{label}: not applicable ({'; '.join(t.detail for t in done)})")
+            continue
+        ptq = run_ptq(cfg, progress=progress)
+        results = []
+        for e in ptq.engines:
+            path = (ptq.run_dir / e.path).relative_to(ev.run_dir).as_posix()
+            spec = EngineSpec(f"int8:{e.calibrator}+{label}.{e.target}", "int8", path, f"{e.calibrator}+{label}", e.target)
+            results.append(ev.evaluate(spec, latency=False))
+        top = rank_engines(results, primary)[0]
+        notes.append(f"{label}: {top.calibrator.split('+')[0]} {top.metrics.get(primary)} ({time.perf_counter() - t1:.0f} s)")
+        if winner is None or _better(primary, top.metrics.get(primary), winner.metrics.get(primary)):
+            if winner_dir is not None:
+                shutil.rmtree(winner_dir)
+            winner, winner_dir = top, ptq.run_dir
+        else:
+            shutil.rmtree(ptq.run_dir)
+        if top.tolerance_ok:
+            break
+    if winner is None or winner_dir is None:
+        return Rung("recipes", "skipped", primary, detail="no recipe applies to this model: " + "; ".join(notes),
+                    seconds=time.perf_counter() - t0), None, None
+    final = ev.evaluate(EngineSpec(winner.name, "int8", winner.path, winner.calibrator, winner.target))
+    status = "pass" if final.tolerance_ok else "fail"
+    gain = "" if _better(primary, final.metrics.get(primary), best.metrics.get(primary)) else \
+        f"; no better than the sweep's {best.name} ({best.metrics.get(primary)})"
+    detail = f"{'; '.join(notes)}; best {final.calibrator}: {_summary(final)}{gain}"
+    rung = Rung("recipes", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name,
+                detail, seconds=time.perf_counter() - t0)
+    return rung, final, winner_dir / "model_fp32_transformed.onnx"
 
 
 def _qat_rung(config: Config, ev: Evaluator, best: EngineResult, run: Path, progress: Any) -> tuple[Rung, EngineResult | None]:

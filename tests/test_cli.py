@@ -179,3 +179,20 @@ def test_onnx_runtime_errors_name_the_stage_and_the_node(capsys, tmp_path):
     assert line.startswith("quantlab: error: statistics: running 'reshape.onnx' in ONNX Runtime on the calibration data failed")
     assert "fixed_reshape" in line and "check that the data matches" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_transform_flags(capsys, tiny_config, tmp_path):
+    out = tmp_path / "out"
+    assert "unknown transform 'gptq': choose one of equalize, smoothquant, adaround, bias-correction" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--transform", "smoothquant,gptq")
+    assert "smoothquant_alpha must be a number in [0, 1]" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--transform", "smoothquant", "--smoothquant-alpha", "1.5")
+    assert "--smoothquant-alpha must be a number in [0, 1] or auto, got 'high'" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--smoothquant-alpha", "high")
+    assert "adaround_iterations must be a positive integer" in one_line_error(
+        capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--adaround-iterations", "0")
+    assert not out.exists()
+    code, printed, _ = run(capsys, "ptq", "--config", str(tiny_config), "--out", str(out), "--calibrator", "minmax",
+                           "--transform", "equalize,smoothquant", "--smoothquant-alpha", "0.5", "--no-report")
+    assert code == 0 and printed.count("transform equalize") == 1 and "no layer pair to equalize" in printed
+    assert "transform smoothquant" in printed

@@ -37,7 +37,7 @@ def _digests(folder) -> set[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
 def test_configs_load_and_evaluate_on_data_kept_out_of_calibration(path):
     config = load_config(path)
-    assert config.compare.task in ("classification", "dense", "embedding")
+    assert config.compare.task in ("classification", "detection", "embedding")
     calib = config.resolve(config.data.calib)
     assert calib.is_dir() and len(list(calib.iterdir())) > 0
     if not str(config.compare.eval).startswith("pkg:"):

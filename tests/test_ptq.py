@@ -167,3 +167,57 @@ def test_stats_from_another_model_are_refused(tiny_config, tmp_path):
     other = save_model(conv_net(seed=5), tmp_path / "other.onnx")
     with pytest.raises(QuantlabError, match="different model"):
         run_ptq(override(config, "model", onnx=str(other)), stats=run / "stats.npz")
+
+
+def test_transforms_run_before_statistics_and_are_recorded(tiny_config):
+    """The statistics and INT8 models come from the transformed graph; FP32 stays the reference."""
+    import onnx
+
+    config = override(load_config(tiny_config), "ptq", transforms=("smoothquant", "equalize"), calibrators=("minmax",))
+    result = run_ptq(config)
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    kinds = {a["path"]: a["kind"] for a in manifest["artefacts"]}
+    assert kinds["model_fp32.onnx"] == "model-fp32" and kinds["model_fp32_transformed.onnx"] == "model-fp32-transformed"
+    assert [t["name"] for t in manifest["transforms"]] == ["equalize", "smoothquant"]  # always in pipeline order
+    assert manifest["model"]["transformed_sha256"] == StatsSet.load(run / "stats.npz").model_sha256
+    from quantlab.model import prepare_model
+
+    assert (run / "model_fp32.onnx").read_bytes() == prepare_model(config.model.onnx).path.read_bytes()
+    assert manifest["model"]["sha256"] != manifest["model"]["transformed_sha256"]
+    summary = json.loads((run / "summary.json").read_text())
+    smooth = summary["transforms"][1]
+    assert smooth["applied"] and smooth["keep_float"] == summary["kept_float"]["added_by_transforms"]
+    assert not summary["transforms"][0]["applied"] and summary["transforms"][0]["detail"].startswith("no layer pair")
+    transformed = onnx.load(str(run / "model_fp32_transformed.onnx"))
+    mul = smooth["keep_float"][0]
+    assert mul in {n.name for n in transformed.graph.node}
+    int8 = onnx.load(str(run / "int8" / "minmax.ort-cpu.onnx"))
+    assert mul in {n.name for n in int8.graph.node}  # the scaling Mul stays float: no Q/DQ reads its constant
+    printed = str(result)
+    assert printed.count("transform smoothquant") == 1 and "untransformed reference" in printed
+    assert all(e.cosine > 0.999 for e in result.engines)
+
+
+def test_transformed_runs_are_deterministic_and_reuse_the_cache(tiny_config):
+    config = override(load_config(tiny_config), "ptq", transforms=("smoothquant", "bias-correction"), calibrators=("minmax",))
+    first = run_ptq(config)
+    files = _files(first.run_dir)
+    second = run_ptq(config)
+    assert all(t.cached for t in second.transforms)
+    again = _files(second.run_dir)
+    for f in (files, again):
+        f.pop("timing.json")
+        for view in ("index.html", "summary.md", "report.json"):
+            f.pop(view)
+    assert files == again
+
+
+def test_transforms_that_need_data_refuse_stats_without_data(tiny_config):
+    config = load_config(tiny_config)
+    run = run_ptq(config).run_dir
+    no_data = dataclasses.replace(config, data=dataclasses.replace(config.data, calib=None))
+    with pytest.raises(QuantlabError, match="no calibration data given"):
+        run_ptq(override(no_data, "ptq", transforms=("smoothquant",)), stats=run / "stats.npz")
+    with pytest.raises(QuantlabError, match=r"different model \(or with other \[ptq\] transforms\)"):
+        run_ptq(override(config, "ptq", transforms=("bias-correction",), run_name="x"), stats=run / "stats.npz")

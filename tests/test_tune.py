@@ -14,14 +14,19 @@ def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.C
     run_dir, config = tiny_run
     # top-1 agreement of 1.01 cannot be met: every rung runs and fails; QAT trains the converted ONNX graph
     config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
-                      + "\n[tune]\nmax_float_layers = 2\n[qat]\nepochs = 1\ncalib_batches = 1\n")
+                      + '\n[tune]\nmax_float_layers = 2\nrecipes = [["equalize"], ["smoothquant", "bias-correction"]]\n'
+                      + "[qat]\nepochs = 1\ncalib_batches = 1\n")
     assert main(["tune", "--config", str(config)]) == 1
     out = capsys.readouterr().out
     assert "calibrator-sweep" in out and "tolerance NOT met" in out
     tune = json.loads((run_dir / "tune.json").read_text())
-    assert [r["rung"] for r in tune["rungs"]] == ["calibrator-sweep", "partial", "qat"]
-    sweep, partial, qat = tune["rungs"]
+    assert [r["rung"] for r in tune["rungs"]] == ["calibrator-sweep", "recipes", "partial", "qat"]
+    sweep, recipes, partial, qat = tune["rungs"]
     assert sweep["status"] == "fail" and sweep["value"] is not None and sweep["reference"] == 1.0
+    # equalization has no pair to work on in this model: said, and no PTQ run for it
+    assert recipes["status"] == "fail" and "equalize: not applicable (no layer pair to equalize" in recipes["detail"]
+    assert "smoothquant+bias-correction: " in recipes["detail"] and recipes["engine"].endswith("+smoothquant+bias-correction.ort-cpu")
+    assert sorted(p.name for p in (run_dir / "recipes").iterdir()) == ["smoothquant+bias-correction"]
     assert partial["status"] == "fail" and len(partial["float_layers"]) <= 2
     assert qat["status"] == "fail" and "onnx graph" in qat["detail"] and qat["engine"] == "int8:qat.tensorrt"
     assert tune["ok"] is False and tune["final_engine"] is None
@@ -39,7 +44,8 @@ def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], 
     assert main(["tune", "--config", str(config)]) == 0
     tune = json.loads((run_dir / "tune.json").read_text())
     assert tune["rungs"][0]["status"] == "pass" and tune["final_engine"].startswith("int8:")
-    assert [r["status"] for r in tune["rungs"][1:]] == ["skipped", "skipped"]
+    assert [r["rung"] for r in tune["rungs"][1:]] == ["recipes", "partial", "qat"]
+    assert [r["status"] for r in tune["rungs"][1:]] == ["skipped", "skipped", "skipped"]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +54,7 @@ def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], 
         (lambda t: t + '\n[qat]\nsource = "pytorch"\n', "QAT needs the PyTorch model"),
         (lambda t: t.replace("top1_agreement = 0.5", ""), "quantlab tune needs a tolerance"),
         (lambda t: t + '\n[tune]\ntarget = "tpu"\n', "unknown tune.target 'tpu'"),
+        (lambda t: t + '\n[tune]\nrecipes = [["gptq"]]\n', "unknown transform in tune.recipes 'gptq'"),
     ],
 )
 def test_tune_user_errors_write_nothing(tiny_run, edit, message, capsys) -> None:

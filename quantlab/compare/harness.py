@@ -392,8 +392,9 @@ def engine_metrics(
         n: {k: _stable(v) for k, v in M.output_metrics(ref[n], out[n], c.atol, c.rtol).items()} for n in ref
     }
     flat: dict[str, float | None] = dict(per_output[output])
+    boxes = M.BoxParams(c.dense_threshold, c.box_threshold, c.box_unclip_ratio, c.box_dilation, c.box_iou)
     task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
-                          retrieval_k=c.retrieval_k)
+                          retrieval_k=c.retrieval_k, boxes=boxes)
     flat.update({k: _stable(v) for k, v in task.items()})
     if user is not None:
         flat.update({k: _stable(v) for k, v in M.user_metrics(user[1], user[0], ref, out, labels).items()})
@@ -431,6 +432,9 @@ class Evaluator:
         t0 = time.perf_counter()
         fp32_path = run_dir / self.specs[0].path
         self.fp32_path = fp32_path
+        # the FP32 graph the INT8 models are Q/DQ copies of: the transformed one when the run has it
+        transformed = [a["path"] for a in self.manifest.get("artefacts", []) if a.get("kind") == "model-fp32-transformed"]
+        self.graph_path = run_dir / transformed[0] if transformed else fp32_path
         self.inputs = input_specs(fp32_path)
         self.data = load_eval_set(config, self.inputs, eval_dir)
         self.seconds["load_data"] = time.perf_counter() - t0
@@ -546,7 +550,7 @@ def run_compare(
         t0 = time.perf_counter()
         # the best INT8 engine that is a Q/DQ copy of the FP32 graph (a QAT export is not)
         skipped = []
-        fp32_model = onnx.load(str(ev.fp32_path))
+        fp32_model = onnx.load(str(ev.graph_path))
         for engine in rank_engines(result.int8, result.primary):
             int8_model = onnx.load(str(run / engine.path))
             if mismatch(fp32_model, int8_model) is None:

@@ -14,7 +14,13 @@ first).  Names are the keys users write in ``[tolerance]`` and ``[compare] prima
   (per sample, then averaged; two empty maps count as 1) and ``mae``, the mean absolute error;
 * ``embedding``: ``mean_cosine`` and ``min_cosine`` of each sample's embedding to FP32's, and
   ``retrieval_agreement``: for each sample as a query against all the others, the overlap of the
-  k nearest neighbours by cosine under the engine and under FP32.
+  k nearest neighbours by cosine under the engine and under FP32;
+* ``detection`` (probability-map text detectors such as DB): the ``dense`` metrics, plus the boxes
+  a user gets: each map becomes boxes as the detector's own post-processing makes them (rapidocr's
+  ``DBPostProcess``: binarise at ``dense_threshold``, one box per connected region, kept when its mean
+  probability reaches ``box_threshold``, expanded by ``box_unclip_ratio``), and the engine's boxes
+  are matched one to one with FP32's at IoU >= ``box_iou``: ``box_precision``, ``box_recall``,
+  ``box_f1`` over all samples (micro-averaged), and ``boxes``, the number of boxes the engine found.
 
 Lower is better for :data:`LOWER_IS_BETTER`; higher is better for every other metric, user
 metrics included.
@@ -22,9 +28,11 @@ metrics included.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "top5", "top1_agreement", "top5_overlap", "kl"),
     "dense": ("iou", "mae"),
     "embedding": ("mean_cosine", "min_cosine", "retrieval_agreement"),
+    "detection": ("box_f1", "box_precision", "box_recall", "iou", "mae", "boxes"),
     "outputs": (),
 }
 
@@ -46,7 +55,7 @@ def default_primary(task: str, labelled: int) -> str:
     """The metric that ranks engines when the config names none."""
     if task == "classification":
         return "top1" if labelled else "top1_agreement"
-    return {"dense": "iou", "embedding": "mean_cosine"}.get(task, "sqnr_db")
+    return {"dense": "iou", "embedding": "mean_cosine", "detection": "box_f1"}.get(task, "sqnr_db")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -156,6 +165,109 @@ def dense_metrics(ref: np.ndarray, out: np.ndarray, threshold: float) -> dict[st
     return {"iou": float(np.mean(iou)), "mae": mae}
 
 
+@dataclass(frozen=True)
+class BoxParams:
+    """How a probability map becomes boxes (rapidocr's defaults for PP-OCR) and when two boxes match."""
+
+    threshold: float = 0.3
+    box_threshold: float = 0.5
+    unclip_ratio: float = 1.6
+    dilation: bool = True
+    iou: float = 0.5
+
+
+def _probability_maps(x: np.ndarray) -> np.ndarray:
+    a = np.asarray(x, np.float32)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    check(a.ndim == 3, f"the detection task needs probability maps shaped [N, 1, H, W] or [N, H, W], got {list(np.shape(x))}: "
+                       "set compare.output to the detector's map output")
+    return a
+
+
+def text_boxes(prob: np.ndarray, params: BoxParams) -> list[np.ndarray]:
+    """The boxes rapidocr's DB post-processing finds in one ``[H, W]`` probability map (4 corners each).
+
+    Regions of ``prob > threshold`` (dilated by 2x2 when ``dilation``), each one's minimum-area
+    rectangle, kept when the mean probability inside reaches ``box_threshold`` and expanded by
+    ``area * unclip_ratio / perimeter`` (the DB paper's unclip), in pixel coordinates of the map.
+    """
+    try:
+        from rapidocr.ch_ppocr_det.utils import DBPostProcess
+    except ImportError:
+        raise QuantlabError("the detection task uses rapidocr's DB post-processing: pip install 'quantlab[models]' "
+                            "(rapidocr), or use task = \"dense\"") from None
+    post = DBPostProcess(thresh=params.threshold, box_thresh=params.box_threshold, unclip_ratio=params.unclip_ratio,
+                         use_dilation=params.dilation, score_mode="fast")
+    h, w = prob.shape
+    boxes, _ = post(prob[None, None].astype(np.float32), (h, w))
+    return [np.asarray(b, np.float64).reshape(4, 2) for b in boxes]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two quadrilaterals (``[4, 2]`` corners)."""
+    from shapely.geometry import Polygon
+
+    pa, pb = Polygon(a), Polygon(b)
+    if not (pa.is_valid and pb.is_valid):
+        pa, pb = pa.buffer(0), pb.buffer(0)
+    union = pa.union(pb).area
+    return float(pa.intersection(pb).area / union) if union > 0 else 0.0
+
+
+def match_boxes(ref: list[np.ndarray], out: list[np.ndarray], threshold: float) -> int:
+    """True positives of a one-to-one greedy matching: pairs taken by IoU, highest first, at >= ``threshold``."""
+    candidates = []
+    for i, a in enumerate(ref):
+        lo_a, hi_a = a.min(0), a.max(0)
+        for j, b in enumerate(out):
+            if np.any(b.max(0) < lo_a) or np.any(b.min(0) > hi_a):
+                continue  # the enclosing rectangles do not even touch
+            iou = box_iou(a, b)
+            if iou >= threshold:
+                candidates.append((-iou, i, j))
+    used_ref: set[int] = set()
+    used_out: set[int] = set()
+    for _, i, j in sorted(candidates):
+        if i not in used_ref and j not in used_out:
+            used_ref.add(i)
+            used_out.add(j)
+    return len(used_ref)
+
+
+_BOX_CACHE: dict[tuple[str, BoxParams], list[list[np.ndarray]]] = {}
+
+
+def _boxes_of(maps: np.ndarray, params: BoxParams) -> list[list[np.ndarray]]:
+    """Boxes of every map; the reference's are computed once for all engines."""
+    key = (hashlib.sha256(np.ascontiguousarray(maps).tobytes()).hexdigest(), params)
+    if key not in _BOX_CACHE:
+        if len(_BOX_CACHE) >= 8:
+            _BOX_CACHE.pop(next(iter(_BOX_CACHE)))
+        _BOX_CACHE[key] = [text_boxes(m, params) for m in maps]
+    return _BOX_CACHE[key]
+
+
+def detection_metrics(ref: np.ndarray, out: np.ndarray, params: BoxParams = BoxParams()) -> dict[str, float]:
+    """Pixel IoU and MAE of the maps and box precision/recall/F1 against FP32's boxes.
+
+    Example: FP32 finds 3 text lines, the engine finds 3 boxes of which 2 overlap FP32's at IoU >= 0.5:
+    precision = recall = F1 = 2/3.  No box on either side counts as a perfect score.
+    """
+    r, o = _probability_maps(ref), _probability_maps(out)
+    result: dict[str, float] = dense_metrics(r, o, params.threshold)
+    tp = n_ref = n_out = 0
+    for rb, ob in zip(_boxes_of(r, params), _boxes_of(o, params)):
+        tp += match_boxes(rb, ob, params.iou)
+        n_ref += len(rb)
+        n_out += len(ob)
+    precision = tp / n_out if n_out else 1.0  # no box found: none is wrong
+    recall = tp / n_ref if n_ref else 1.0  # no box to find: none is missed
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    result.update({"box_precision": precision, "box_recall": recall, "box_f1": f1, "boxes": float(n_out)})
+    return result
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     n = np.linalg.norm(x, axis=1, keepdims=True)
@@ -184,8 +296,10 @@ def embedding_metrics(ref: np.ndarray, out: np.ndarray, k: int) -> dict[str, flo
 
 def task_metrics(
     task: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, *, dense_threshold: float = 0.3,
-    retrieval_k: int = 5,
+    retrieval_k: int = 5, boxes: BoxParams | None = None,
 ) -> dict[str, float | None]:
+    if task == "detection":
+        return dict(detection_metrics(ref, out, boxes or BoxParams(threshold=dense_threshold)))
     if task == "classification":
         return classification_metrics(ref, out, labels)
     if task == "dense":

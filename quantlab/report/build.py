@@ -73,6 +73,7 @@ def _run_info(run: Run) -> dict[str, Any]:
         "calibrated_tensors": len(stats.tensors) if stats else run.summary.get("calibrated_tensors"),
         "folded_tensors": len(stats.folded) if stats else run.summary.get("folded_tensors"),
         "kept_float": kept.get("nodes") or [],
+        "transforms": [{k: t.get(k) for k in ("name", "applied", "detail")} for t in run.summary.get("transforms") or []],
         "fill_value_tensors": kept.get("fill_value_tensors") or [],
         "quantlab": run.manifest.get("quantlab", __version__),
         "report_quantlab": __version__,

@@ -376,6 +376,14 @@ def _tune(report: dict[str, Any]) -> str:
             f"{body}</table></div>")
 
 
+def _transforms_text(transforms: list[dict[str, Any]]) -> str:
+    if not transforms:
+        return "none"
+    lines = "; ".join(f'{t["name"]}: {t["detail"]}' for t in transforms)
+    return (f"{lines}. The INT8 models quantize the transformed FP32 graph (model_fp32_transformed.onnx); "
+            "engines are compared with the untransformed model_fp32.onnx")
+
+
 def _run_info(report: dict[str, Any]) -> str:
     r = report["run"]
     items = [
@@ -387,6 +395,7 @@ def _run_info(report: dict[str, Any]) -> str:
         ("kept in float", (", ".join(r.get("kept_float") or []) or "none")
          + (f' (fill values such as an attention mask\'s -3.4e38 in {", ".join(r["fill_value_tensors"])})'
             if r.get("fill_value_tensors") else "")),
+        ("transforms", _transforms_text(r.get("transforms") or [])),
         ("quantlab", r["quantlab"]), (f'versions ({r["versions_from"]})', ", ".join(f"{k} {v}" for k, v in r["versions"].items())),
         ("run folder written", r["date"]), ("files", ", ".join(r["files"])),
     ]

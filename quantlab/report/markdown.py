@@ -47,6 +47,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append(f"Kept in float: {len(r['kept_float'])} node(s)"
                    + (" that write or read fill values (e.g. an attention mask's -3.4e38)" if r.get("fill_value_tensors") else "")
                    + ": " + ", ".join(f"`{n}`" for n in r["kept_float"]) + ".")
+    for t in r.get("transforms") or []:
+        out.append(f"Transform {t['name']}: {t['detail']}.")
+    if r.get("transforms"):
+        out.append("The INT8 models quantize the transformed FP32 graph (`model_fp32_transformed.onnx`); engines are "
+                   "compared with the untransformed `model_fp32.onnx`.")
     out.append("")
     w = report.get("winner")
     if w:

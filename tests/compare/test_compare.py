@@ -176,3 +176,19 @@ def test_fixed_batch_model_is_compared_at_its_batch_size(tmp_path: Path) -> None
     result = run_compare(config)
     assert all(set(e.latency) == {"2"} for e in result.engines)
     assert result.layers and len(result.layers["rows"]) > 0
+
+
+def test_transformed_run_is_judged_against_the_untransformed_fp32(run: tuple[Path, Path]) -> None:
+    """INT8 models of a transformed graph: FP32 is the original model, the per-layer analysis pairs
+    each INT8 layer with the transformed graph it was quantized from."""
+    from quantlab.config import override
+    from quantlab.ptq import run_ptq
+
+    _, config_path = run
+    config = override(load_config(config_path), "ptq", transforms=("smoothquant", "bias-correction"),
+                      calibrators=("minmax",), run_name="transformed", report=False)
+    run_dir = run_ptq(config).run_dir
+    result = run_compare(config, run_dir)
+    assert result["fp32"].path == "model_fp32.onnx" and result["fp32"].metrics.get("sqnr_db") is None
+    assert result.layers and result.layers["rows"] and not result.layers.get("skipped")
+    assert any(r["node"].startswith("fc") for r in result.layers["rows"])

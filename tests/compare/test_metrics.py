@@ -95,3 +95,53 @@ def test_default_primary() -> None:
     assert M.default_primary("classification", 0) == "top1_agreement"
     assert M.default_primary("dense", 0) == "iou"
     assert M.default_primary("embedding", 0) == "mean_cosine"
+
+
+def _text_map(lines, size=(96, 160)) -> np.ndarray:
+    """A DB-style probability map: 0.9 inside each (top, left, height, width) text line, 0.02 elsewhere."""
+    m = np.full(size, 0.02, np.float32)
+    for top, left, h, w in lines:
+        m[top:top + h, left:left + w] = 0.9
+    return m
+
+
+def test_text_boxes_follow_rapidocrs_db_post_processing():
+    from quantlab.compare.metrics import BoxParams, text_boxes
+
+    boxes = text_boxes(_text_map([(10, 20, 8, 60), (40, 10, 10, 120)]), BoxParams())
+    assert len(boxes) == 2
+    for box, (top, left, h, w) in zip(sorted(boxes, key=lambda b: b[:, 1].min()), [(10, 20, 8, 60), (40, 10, 10, 120)]):
+        x0, y0 = box.min(0)
+        x1, y1 = box.max(0)
+        assert x0 <= left and y0 <= top and x1 >= left + w - 1 and y1 >= top + h - 1  # unclipped: a bit larger
+        assert x1 - x0 < w + 2 * h and y1 - y0 < 3 * h
+    faint = _text_map([(10, 20, 8, 60)]) * 0.5  # mean probability 0.45 < box_threshold 0.5: no box
+    assert text_boxes(faint, BoxParams()) == []
+
+
+def test_box_precision_recall_f1_against_a_hand_built_map():
+    from quantlab.compare.metrics import detection_metrics
+
+    ref = _text_map([(10, 20, 8, 60), (40, 10, 10, 120), (70, 30, 9, 50)])
+    # the engine: line 1 shifted by 2 pixels (still IoU > 0.5), line 2 lost, a spurious blob added
+    out = _text_map([(12, 22, 8, 60), (70, 30, 9, 50), (40, 130, 12, 20)])
+    m = detection_metrics(ref[None, None], out[None, None])
+    assert m["boxes"] == 3
+    assert m["box_precision"] == pytest.approx(2 / 3) and m["box_recall"] == pytest.approx(2 / 3)
+    assert m["box_f1"] == pytest.approx(2 / 3)
+    assert 0.0 < m["iou"] < 1.0 and m["mae"] > 0
+    same = detection_metrics(np.stack([ref, out])[:, None], np.stack([ref, out])[:, None])
+    assert same["box_f1"] == 1.0 and same["iou"] == 1.0 and same["boxes"] == 6
+    empty = np.full((1, 1, 32, 32), 0.01, np.float32)
+    assert detection_metrics(empty, empty)["box_f1"] == 1.0
+    nothing = np.full((1, 1, *ref.shape), 0.01, np.float32)
+    lost = detection_metrics(ref[None, None], nothing)
+    assert lost["box_recall"] == 0.0 and lost["box_precision"] == 1.0 and lost["box_f1"] == 0.0
+
+
+def test_detection_task_ranks_by_box_f1_and_refuses_non_maps():
+    from quantlab.compare.metrics import default_primary, task_metrics
+
+    assert default_primary("detection", 0) == "box_f1"
+    with pytest.raises(QuantlabError, match=r"needs probability maps shaped \[N, 1, H, W\]"):
+        task_metrics("detection", np.zeros((2, 10)), np.zeros((2, 10)), None)
