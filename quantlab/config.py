@@ -153,6 +153,8 @@ class PtqConfig:
     transforms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check(isinstance(self.transforms, tuple),
+              f'ptq.transforms must be a list of names, e.g. ["smoothquant", "bias-correction"], got {self.transforms!r}')
         for t in self.transforms:
             _one_of(t, TRANSFORM_NAMES, "transform")
         check(len(set(self.transforms)) == len(self.transforms), f"ptq.transforms names a transform twice: {list(self.transforms)}")

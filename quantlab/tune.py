@@ -207,7 +207,7 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
                 engines.append(recipe)
                 if recipe.tolerance_ok:
                     final = recipe
-                if _better(primary, recipe.metrics.get(primary), best.metrics.get(primary)):
+                if _pick([best, recipe], primary) is recipe:
                     best, graph = recipe, recipe_graph
         else:
             rungs.append(Rung("recipes", "skipped", primary, detail="tune.recipes is empty"))
@@ -248,6 +248,12 @@ def run_tune(config: Config, *, progress: Any = None) -> TuneResult:
     return result
 
 
+def _pick(engines: list[EngineResult], primary: str) -> EngineResult:
+    """The best engine: those within tolerance first, then by the primary metric, then SQNR."""
+    passing = [e for e in engines if e.tolerance_ok]
+    return rank_engines(passing or engines, primary)[0]
+
+
 def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = None
             ) -> tuple[Rung, EngineResult | None, Path | None]:
     """PTQ after each recipe of graph transforms; the best engine, and the FP32 graph it comes from."""
@@ -262,8 +268,7 @@ def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = N
     folder = ev.run_dir / "recipes"
     prepared = prepare_model(resolve_model(config), config.model.input_shapes)
     notes: list[str] = []
-    winner: EngineResult | None = None
-    winner_dir: Path | None = None
+    tops: list[tuple[EngineResult, Path]] = []  # each recipe's best engine and its run folder
     for recipe in config.tune.recipes:
         label = "+".join(ordered(recipe))
         t1 = time.perf_counter()
@@ -279,22 +284,24 @@ def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = N
             path = (ptq.run_dir / e.path).relative_to(ev.run_dir).as_posix()
             spec = EngineSpec(f"int8:{e.calibrator}+{label}.{e.target}", "int8", path, f"{e.calibrator}+{label}", e.target)
             results.append(ev.evaluate(spec, latency=False))
-        top = rank_engines(results, primary)[0]
-        notes.append(f"{label}: {top.calibrator.split('+')[0]} {top.metrics.get(primary)} ({time.perf_counter() - t1:.0f} s)")
-        if winner is None or _better(primary, top.metrics.get(primary), winner.metrics.get(primary)):
-            if winner_dir is not None:
-                shutil.rmtree(winner_dir)
-            winner, winner_dir = top, ptq.run_dir
-        else:
-            shutil.rmtree(ptq.run_dir)
+        top = _pick(results, primary)
+        verdict = "meets the tolerance" if top.tolerance_ok else "fails"
+        notes.append(f"{label}: {top.calibrator.split('+')[0]} {top.metrics.get(primary)}, {verdict} "
+                     f"({time.perf_counter() - t1:.0f} s)")
+        tops.append((top, ptq.run_dir))
         if top.tolerance_ok:
             break
-    if winner is None or winner_dir is None:
+    if not tops:
         return Rung("recipes", "skipped", primary, detail="no recipe applies to this model: " + "; ".join(notes),
                     seconds=time.perf_counter() - t0), None, None
+    winner = _pick([e for e, _ in tops], primary)
+    winner_dir = next(d for e, d in tops if e is winner)
+    for _, d in tops:
+        if d != winner_dir:
+            shutil.rmtree(d)
     final = ev.evaluate(EngineSpec(winner.name, "int8", winner.path, winner.calibrator, winner.target))
     status = "pass" if final.tolerance_ok else "fail"
-    gain = "" if _better(primary, final.metrics.get(primary), best.metrics.get(primary)) else \
+    gain = "" if _pick([best, final], primary) is final else \
         f"; no better than the sweep's {best.name} ({best.metrics.get(primary)})"
     detail = f"{'; '.join(notes)}; best {final.calibrator}: {_summary(final)}{gain}"
     rung = Rung("recipes", status, primary, final.metrics.get(primary), ev.fp32.metrics.get(primary), final.name,

@@ -196,3 +196,21 @@ def test_transform_flags(capsys, tiny_config, tmp_path):
                            "--transform", "equalize,smoothquant", "--smoothquant-alpha", "0.5", "--no-report")
     assert code == 0 and printed.count("transform equalize") == 1 and "no layer pair to equalize" in printed
     assert "transform smoothquant" in printed
+
+
+@pytest.mark.parametrize("section, message", [
+    ('[ptq]\ntransforms = "smoothquant"', "ptq.transforms must be a list of names"),
+    ('[ptq]\ntransforms = ["smoothquant", "smoothquant"]', "names a transform twice"),
+    ('[transforms]\nadaround_iterations = "many"', "adaround_iterations must be a positive integer"),
+    ('[transforms]\nsmoothquant_grid = [0.5, 2.0]', "smoothquant_grid must be numbers in [0, 1]"),
+    ('[transforms]\nalpha = 0.5', "unknown key(s) alpha in [transforms]"),
+])
+def test_bad_transform_config_is_one_line(capsys, tiny_config, tmp_path, section, message):
+    text = tiny_config.read_text()
+    if section.startswith("[ptq]"):
+        text = text.replace("[ptq]\n", section + "\n")
+    else:
+        text += "\n" + section + "\n"
+    tiny_config.write_text(text)
+    assert message in one_line_error(capsys, "ptq", "--config", str(tiny_config))
+    assert not (tmp_path / "reports").exists()

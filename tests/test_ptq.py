@@ -221,3 +221,16 @@ def test_transforms_that_need_data_refuse_stats_without_data(tiny_config):
         run_ptq(override(no_data, "ptq", transforms=("smoothquant",)), stats=run / "stats.npz")
     with pytest.raises(QuantlabError, match=r"different model \(or with other \[ptq\] transforms\)"):
         run_ptq(override(config, "ptq", transforms=("bias-correction",), run_name="x"), stats=run / "stats.npz")
+
+
+def test_the_transform_cache_key_follows_code_data_and_settings(tiny_model):
+    from quantlab.config import TransformConfig
+    from quantlab.transforms import _cache_key
+
+    data = [{"input": np.ones((2, 3, 8, 8), np.float32)}]
+    key = _cache_key("abc", ["smoothquant"], data, TransformConfig(), [])
+    assert key == _cache_key("abc", ["smoothquant"], data, TransformConfig(), [])
+    assert key != _cache_key("abc", ["smoothquant"], data, TransformConfig(smoothquant_alpha=0.5), [])
+    assert key != _cache_key("abc", ["smoothquant"], [{"input": np.zeros((2, 3, 8, 8), np.float32)}], TransformConfig(), [])
+    assert key != _cache_key("abd", ["smoothquant"], data, TransformConfig(), [])
+    assert key != _cache_key("abc", ["smoothquant"], data, TransformConfig(), ["fc"])

@@ -65,3 +65,17 @@ def test_tune_user_errors_write_nothing(tiny_run, edit, message, capsys) -> None
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_an_engine_within_tolerance_beats_a_tie_on_the_primary_metric() -> None:
+    """EfficientNet's top-1 on 20 labelled images ties at 0.85; top-1 agreement decides the tolerance."""
+    from quantlab.compare.harness import EngineResult
+    from quantlab.tune import _pick
+
+    def engine(name: str, sqnr: float, ok: bool) -> EngineResult:
+        return EngineResult(name, "int8", f"{name}.onnx", "minmax", "ort-cpu", 5.0, {"top1": 0.85, "sqnr_db": sqnr}, {},
+                            tolerance_ok=ok)
+
+    louder, within = engine("int8:a", 25.0, False), engine("int8:b", 20.0, True)
+    assert _pick([louder, within], "top1") is within
+    assert _pick([louder, engine("int8:c", 20.0, False)], "top1") is louder  # then SQNR

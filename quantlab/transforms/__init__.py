@@ -95,11 +95,18 @@ def apply_transforms(
 def _cache_key(sha256: str, names: Sequence[str], data: Sequence[Feed], config: TransformConfig,
                keep: Sequence[str]) -> str:
     """Everything a transformed model depends on: the model, the transforms and their parameters,
-    the nodes kept in float, every calibration array, and the versions of the numeric libraries."""
+    the nodes kept in float, every calibration array, the transforms' own code and the versions of
+    the numeric libraries."""
+    from pathlib import Path
+
     import onnxruntime
 
+    from quantlab import __version__
+
     h = hashlib.sha256(json.dumps([sha256, ordered(names), asdict(config), sorted(keep), onnxruntime.__version__,
-                                   np.__version__]).encode())
+                                   np.__version__, __version__]).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.read_bytes())
     if "adaround" in names:
         import torch
 
