@@ -94,7 +94,7 @@ def bench(name: str, config_path: Path, work: Path, check_modelopt: bool, limits
         ratios, times = [], []
         for st in tensors.values():
             spent = []
-            for _ in range(3):  # the fastest of three: other work on the machine only adds time
+            for _ in range(5):  # the fastest of five: other work on the machine only adds time
                 t = time.perf_counter()
                 amax = calibrator.compute_amax(st)
                 spent.append((time.perf_counter() - t) * 1000)
@@ -240,7 +240,7 @@ def report(results: dict[str, dict], extra: list[str]) -> bool:
             theirs = results[m]["metrics"][("entropy-modelopt", t)]["metric"]
             checks.append((f"{m} {t}: entropy {ours:.4f} >= entropy-modelopt {theirs:.4f}", ours >= theirs))
     slowest = max(results[m]["timing"][c]["max_ms"] for m in models for c in ("entropy", "entropy-modelopt", "entropy-trt"))
-    checks.append((f"slowest entropy search {slowest:.2f} ms < {SEARCH_MS_LIMIT:g} ms (2048 bins, fastest of 3 per tensor)",
+    checks.append((f"slowest entropy search {slowest:.2f} ms < {SEARCH_MS_LIMIT:g} ms (2048 bins, fastest of 5 per tensor)",
                    slowest < SEARCH_MS_LIMIT))
     print()
     for text, ok in checks:

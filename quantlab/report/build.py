@@ -122,8 +122,7 @@ def _engines_from_compare(run: Run, best: str | None) -> dict[str, Any]:
             values["output_cosine"] = _round(min(cos), 6) if cos else None
             values["output_sqnr_db"] = _round(min(sq), 2) if sq else None
         if e.get("precision") == "fp32":
-            # the reference against itself: no error, so no SQNR (files written before 0-error SQNRs were
-            # left out hold the 999 dB cap here)
+            # the reference against itself has no error, so no SQNR (older compare.json files hold the 999 dB cap)
             for k in ("sqnr_db", "output_sqnr_db"):
                 if k in values:
                     values[k] = None
