@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from quantlab.config import TransformConfig
-from quantlab.transforms.graph import Feed, Graph, Layer, attr, quantize_weight, run_batches
+from quantlab.transforms.graph import Feed, Graph, Layer, attr, quantize_weight, run_batches, samples_of
 from quantlab.transforms.result import TransformResult, rounded
 
 ZETA, GAMMA = 1.1, -0.1
@@ -316,7 +316,7 @@ def adaround(model: onnx.ModelProto, data: Sequence[Feed], config: TransformConf
     device = config.adaround_device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples = sum(next(iter(f.values())).shape[0] for f in data)
+    samples = samples_of(data)
     records, better = _round_all(g, model, layers, data, samples, config, device)
     detail = (f"rounded {len(records)} layer(s) ({config.adaround_iterations} steps each, {device}); "
               f"layer output error below nearest rounding in {better}")

@@ -15,7 +15,6 @@ second input is a 2-D constant ``[K, N]``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -98,9 +97,6 @@ class Graph:
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
-
-    def is_constant(self, name: str) -> bool:
-        return name in self.inits
 
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace initializer ``name`` with ``value`` (same dtype as before)."""
@@ -198,10 +194,6 @@ def fake_quantize_weight(w: np.ndarray, axis: int) -> np.ndarray:
     """``s * q``: the weight as the INT8 model computes with it (float32)."""
     q, s = quantize_weight(w, axis)
     return (q.astype(np.float32) * s).astype(np.float32)
-
-
-def model_digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 def run_batches(model: onnx.ModelProto, feeds: Sequence[Feed], names: Sequence[str]) -> Iterator[list[np.ndarray]]:
