@@ -28,13 +28,14 @@ small fraction of its cost.  Whatever cannot be mapped with certainty makes the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,22 @@ def _tensors_data(ranges: dict[str, TensorRange]) -> Any:
     return TensorsData(CalibrationMethod.MinMax, data)
 
 
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log and warn freely; keep them quiet while they run."""
+    quiet = logging.getLogger("root"), logging.getLogger()
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
 def write_qdq_model(
     model_path: str | Path, ranges: dict[str, TensorRange], target: Target, out: str | Path,
     exclude: Iterable[str] = (),
@@ -153,27 +170,18 @@ def write_qdq_model(
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(_tensors_data(ranges), cache)
         dst = Path(tmp) / "model.onnx"
-        quiet = logging.getLogger("root"), logging.getLogger()
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_static(
-                    str(model_path), str(dst), None,
-                    quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8 if target.symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    calibration_cache_path=str(cache),
-                    extra_options=extra,
-                    **kwargs,
-                )
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
+        with _quiet_onnxruntime():
+            quantize_static(
+                str(model_path), str(dst), None,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8 if target.symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+                extra_options=extra,
+                **kwargs,
+            )
         model = onnx.load(str(dst))
         release_float_inputs(model, placement)
         onnx.save(model, str(dst))
@@ -209,20 +217,11 @@ def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterab
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         dst = Path(tmp) / "model.onnx"
-        quiet = logging.getLogger("root"), logging.getLogger()
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_dynamic(
-                    str(model_path), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=sorted(exclude) or None,
-                )
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
+        with _quiet_onnxruntime():
+            quantize_dynamic(
+                str(model_path), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(exclude) or None,
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(dst, out)
 
