@@ -24,10 +24,11 @@ of :mod:`quantlab.qdq.lint` is broken.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 import onnx
+
+from quantlab.qdq.lint import LintIssue, _GraphIndex
 
 ADVICE: Mapping[str, str] = MappingProxyType({
     "residual-both-inputs": "a residual Add quantizes only its skip input, so it fuses into the convolution",
@@ -43,30 +44,15 @@ _INT8_READERS = (*_WEIGHTED, "MaxPool", "AveragePool", "GlobalAveragePool", "Con
 _ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
-@dataclass(frozen=True)
-class FusionAdvice:
-    """One place TensorRT will not fuse: rule id (a key of :data:`ADVICE`), node, tensor, what to change."""
+def fusion_advice(model: onnx.ModelProto) -> tuple[LintIssue, ...]:
+    """Q/DQ placements of ``model`` that TensorRT will not fuse (see the module docstring), graph order.
 
-    rule: str
-    node: str
-    tensor: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{self.rule}] {self.message}"
-
-
-def fusion_advice(model: onnx.ModelProto) -> tuple[FusionAdvice, ...]:
-    """Q/DQ placements of ``model`` that TensorRT will not fuse (see the module docstring), graph order."""
+    Each is a :class:`~quantlab.qdq.lint.LintIssue` whose ``rule`` is a key of :data:`ADVICE`.
+    """
     graph = model.graph
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producer = {o: n for n in graph.node for o in n.output if o}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for name in dict.fromkeys(n.input):
-            consumers.setdefault(name, []).append(n)
-    outputs = {o.name for o in graph.output}
-    label = {id(n): n.name or f"{n.op_type}[{k}]" for k, n in enumerate(graph.node)}
+    index = _GraphIndex(graph)
+    producer, consumers, outputs = index.producer, index.consumers, index.outputs
+    constants = index.tensors  # initializers and Constant outputs
 
     def dequantized(name: str) -> str | None:
         """The float tensor behind ``name`` when ``name`` is the output of an activation's Q -> DQ."""
@@ -89,7 +75,7 @@ def fusion_advice(model: onnx.ModelProto) -> tuple[FusionAdvice, ...]:
         others = [i for i in node.input if i not in reads]  # a residual Add's skip input: the other side a Conv
         return any(i in producer and producer[i].op_type in _CONVOLUTIONS for i in others)
 
-    advice: list[FusionAdvice] = []
+    advice: list[LintIssue] = []
     flagged: set[str] = set()  # Q/DQ'd tensors already reported
     for node in graph.node:
         if node.op_type in _ARITHMETIC and any(constant(i) for i in node.input):
@@ -97,9 +83,9 @@ def fusion_advice(model: onnx.ModelProto) -> tuple[FusionAdvice, ...]:
             q_constant = [i for i in node.input if i not in constants and constant(i)]
             if any(quantized) or q_constant:
                 what = next(filter(None, quantized), None) or q_constant[0]
-                advice.append(FusionAdvice(
-                    "constant-add", label[id(node)], what,
-                    f"{node.op_type} '{label[id(node)]}' has a constant operand and a quantized input or constant "
+                advice.append(LintIssue(
+                    "constant-add", index.label(node), what,
+                    f"{node.op_type} '{index.label(node)}' has a constant operand and a quantized input or constant "
                     f"('{what}'): TensorRT fuses it into the layer before it in float; remove that Q/DQ",
                 ))
                 flagged.update(t for t in quantized if t)
@@ -108,10 +94,10 @@ def fusion_advice(model: onnx.ModelProto) -> tuple[FusionAdvice, ...]:
             if all(sources):
                 conv = [s for s in sources if s in producer and producer[s].op_type in _CONVOLUTIONS]
                 if conv:
-                    advice.append(FusionAdvice(
-                        "residual-both-inputs", label[id(node)], conv[0],
-                        f"both inputs of the residual Add '{label[id(node)]}' are quantized; leave the output of "
-                        f"{producer[conv[0]].op_type} '{label[id(producer[conv[0]])]}' ('{conv[0]}') in float so the Add "
+                    advice.append(LintIssue(
+                        "residual-both-inputs", index.label(node), conv[0],
+                        f"both inputs of the residual Add '{index.label(node)}' are quantized; leave the output of "
+                        f"{producer[conv[0]].op_type} '{index.label(producer[conv[0]])}' ('{conv[0]}') in float so the Add "
                         "fuses into it, and quantize only the other input",
                     ))
                     flagged.add(conv[0])
@@ -127,14 +113,14 @@ def fusion_advice(model: onnx.ModelProto) -> tuple[FusionAdvice, ...]:
         where = ", ".join(sorted({r.op_type for r in readers} | ({"graph output"} if set(dq_outputs) & outputs else set())))
         source = producer.get(tensor)
         if source is not None and source.op_type in _WEIGHTED:
-            advice.append(FusionAdvice(
-                "weighted-output", label[id(source)], tensor,
-                f"the output '{tensor}' of {source.op_type} '{label[id(source)]}' is quantized but read only by "
+            advice.append(LintIssue(
+                "weighted-output", index.label(source), tensor,
+                f"the output '{tensor}' of {source.op_type} '{index.label(source)}' is quantized but read only by "
                 f"{where or 'nothing'}: TensorRT fuses that epilogue in float; remove its Q/DQ",
             ))
         else:
-            advice.append(FusionAdvice(
-                "lone-qdq", label[id(q)], tensor,
+            advice.append(LintIssue(
+                "lone-qdq", index.label(q), tensor,
                 f"'{tensor}' is quantized but read only by {where or 'nothing'}, which TensorRT runs in float: "
                 "the Q/DQ pair becomes a reformat; remove it",
             ))

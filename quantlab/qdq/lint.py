@@ -104,7 +104,7 @@ class LintReport:
 
     issues: tuple[LintIssue, ...] = ()
     qdq_nodes: int = 0
-    advice: tuple[Any, ...] = ()  # quantlab.qdq.fusion.FusionAdvice: valid, but TensorRT will not fuse there
+    advice: tuple[LintIssue, ...] = ()  # quantlab.qdq.fusion: valid, but TensorRT will not fuse there
 
     def __bool__(self) -> bool:
         return not self.issues
