@@ -50,6 +50,17 @@ def conv_net(seed: int = 0, batch: str | int = "N", hw: tuple[int | str, int | s
     return helper.make_graph(nodes, "conv_net", [x], [y], inits)
 
 
+def one_conv_net(output: str = "y", x: str = "x") -> onnx.GraphProto:
+    """x[N,3,8,8] -> Conv(4, 3x3) -> the graph output: a quantized convolution output that is a graph output."""
+    g = np.random.default_rng(3)
+    return helper.make_graph(
+        [helper.make_node("Conv", [x, "w"], [output], name="conv", pads=[1, 1, 1, 1])], "one_conv",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(g.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")],
+    )
+
+
 @pytest.fixture
 def tiny_model(tmp_path: Path) -> Path:
     return save_model(conv_net(), tmp_path / "tiny.onnx")

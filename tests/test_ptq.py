@@ -52,17 +52,10 @@ def test_cache_matches_the_scale_table(tiny_config):
 def test_scale_table_holds_the_deployed_scale_of_a_quantized_graph_output(tmp_path):
     # ort-cpu quantizes a convolution's output, and ONNX Runtime renames a quantized graph output's float
     # tensor "<output>_QuantizeLinear_Input": the table still lists it under the output's name
-    from onnx import TensorProto, helper, numpy_helper
-
-    from conftest import save_model, tiny_config_text
+    from conftest import one_conv_net, save_model, tiny_config_text
 
     g = np.random.default_rng(3)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["logits"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [numpy_helper.from_array(g.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")],
-    )
+    graph = one_conv_net(output="logits", x="input")
     model = save_model(graph, tmp_path / "conv.onnx")
     calib = tmp_path / "calib"
     calib.mkdir()

@@ -69,17 +69,10 @@ def test_quantized_graph_output_keeps_its_name(tmp_path):
     # ONNX Runtime renames the float tensor in front of a quantized graph output
     # "<output>_QuantizeLinear_Input"; its scale and zero-point are still the output's.  ort-cpu quantizes a
     # convolution's output (U8 flows on), so a Conv that writes the graph output shows it.
-    from onnx import TensorProto, helper
-
-    from conftest import save_model
+    from conftest import one_conv_net, save_model
 
     g = np.random.default_rng(3)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [numpy_helper.from_array(g.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")],
-    )
+    graph = one_conv_net()
     pm = prepare_model(save_model(graph, tmp_path / "conv.onnx"))
     stats = collect_stats(pm, [{"x": g.standard_normal((4, 3, 8, 8)).astype(np.float32)}])
     ranges = compute_ranges(stats, get_calibrator("minmax"), TARGETS["ort-cpu"])
