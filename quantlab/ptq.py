@@ -294,7 +294,8 @@ def run_ptq(
     from quantlab.calibrators import get_calibrator
     from quantlab.collect import ort_session
     from quantlab.qdq.targets import (
-        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, TARGETS, QdqRewrite, compute_ranges, fill_value_tensors, float_nodes,
+        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, TARGETS, QdqRewrite, check_dynamic, compute_ranges, fill_value_tensors,
+        float_nodes,
         placement_for, plan_rewrite, read_quant_params, write_dynamic_model,
     )
     from quantlab.trtcache import format_calibration_cache
@@ -311,7 +312,9 @@ def run_ptq(
     check(not unknown, f"ptq.exclude names {unknown[:3]}, not node(s) of the model: use node names as the model shows them "
                        "(e.g. in Netron, or the per-layer table of quantlab compare)")
     for tname in config.ptq.targets:  # a target with nothing to quantize stops here, before any inference
-        if tname in TARGETS:
+        if tname == DYNAMIC_TARGET:
+            check_dynamic(fp32_model, config.ptq.exclude)
+        else:
             placement_for(fp32_model, TARGETS[tname], config.ptq.exclude)
     reference_model = prepared  # the reference: compared with, and what FP16 is made from
     transforms: list[TransformResult] = []

@@ -193,6 +193,19 @@ DYNAMIC_TARGET = "ort-dynamic"
 DYNAMIC_CALIBRATOR = "dynamic"  # the label of the one ort-dynamic model a run writes: no calibrator sets it
 
 
+def check_dynamic(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> None:
+    """A one-line error when ``ort-dynamic`` finds nothing to quantize in ``model`` (what ``exclude`` leaves)."""
+    inits, excluded = {i.name for i in model.graph.initializer}, set(exclude)
+    if not any(
+        n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in excluded and any(i in inits for i in n.input[:2])
+        for n in model.graph.node
+    ):
+        raise QuantlabError(
+            f"target {DYNAMIC_TARGET} quantizes Conv, Gemm and MatMul nodes with constant weights, and the model has none "
+            "(or all are kept in float): pass a model with weighted layers, or drop them from [ptq] exclude"
+        )
+
+
 def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterable[str] = ()) -> None:
     """Write the ``ort-dynamic`` model: ONNX Runtime's dynamic quantization (``quantize_dynamic``).
 
@@ -203,17 +216,7 @@ def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterab
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(model_path))
-    inits, excluded = {i.name for i in model.graph.initializer}, set(exclude)
-    weighted = [
-        n.name for n in model.graph.node
-        if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in excluded and any(i in inits for i in n.input[:2])
-    ]
-    if not weighted:
-        raise QuantlabError(
-            f"target {DYNAMIC_TARGET} quantizes Conv, Gemm and MatMul nodes with constant weights, and the model has none "
-            "(or all are kept in float): pass a model with weighted layers, or drop them from [ptq] exclude"
-        )
+    check_dynamic(onnx.load(str(model_path)), exclude)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         dst = Path(tmp) / "model.onnx"

@@ -162,16 +162,17 @@ def test_cnn_placement_on_ort_cpu_follows_int8(tmp_path):
     assert trt.nodes == ("conv1", "conv2", "add1", "fc") and trt.float_inputs == (("add1", 0),)
 
 
-def test_everything_excluded_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("target", ["tensorrt", "ort-dynamic"])
+def test_everything_excluded_is_one_line(tmp_path, capsys, target):
     from conftest import conv_net
 
     config = tmp_path / "quantlab.toml"
     model = save_model(conv_net(), tmp_path / "tiny.onnx")
     text = tiny_config_text(model, write_tiny_calib(tmp_path / "calib"), tmp_path / "reports")
     config.write_text(text.replace("latency_runs = 0", 'latency_runs = 0\nexclude = ["conv1", "conv2", "fc"]'))
-    assert main(["ptq", "--config", str(config), "--target", "tensorrt", "--calibrator", "minmax"]) == 2
+    assert main(["ptq", "--config", str(config), "--target", target, "--calibrator", "minmax"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # before the statistics pass: no progress bar
-    assert len(err) == 1 and "target tensorrt quantizes" in err[0] and "[ptq] exclude" in err[0]
+    assert len(err) == 1 and f"target {target} quantizes" in err[0] and "[ptq] exclude" in err[0]
     assert not (tmp_path / "reports").exists()
 
 
