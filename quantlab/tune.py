@@ -117,7 +117,7 @@ def partial_quantization(
     """
     import onnx
 
-    from quantlab.compare.layers import keep_float
+    from quantlab.qdq.keep import keep_float
 
     t0 = time.perf_counter()
     primary = ev.primary

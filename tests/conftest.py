@@ -171,3 +171,29 @@ def tiny_run(tmp_path: Path, _tiny_run_template: Path) -> tuple[Path, Path]:
     config = root / "quantlab.toml"
     config.write_text(config.read_text().replace(str(_tiny_run_template), str(root)))
     return root / "reports" / "tiny", config
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """The prepared tiny conv net and its minmax Q/DQ model for each target, plus three seeded batches."""
+    from quantlab.calibrators import get_calibrator
+    from quantlab.collect import collect_stats
+    from quantlab.model import prepare_model
+    from quantlab.qdq.targets import TARGETS, compute_ranges, write_qdq_model
+
+    folder = tmp_path_factory.mktemp("layers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
+        pm = prepare_model(save_model(conv_net(), folder / "tiny.onnx"))
+    g = np.random.default_rng(0)
+    calib = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
+    stats = collect_stats(pm, calib)
+    models = {}
+    for name, target in TARGETS.items():
+        out = folder / f"{name}.onnx"
+        write_qdq_model(pm.path, compute_ranges(stats, get_calibrator("minmax"), target), target, out)
+        models[name] = onnx.load(str(out))
+    fp32 = onnx.load(str(pm.path))
+    g = np.random.default_rng(7)
+    feeds = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    return fp32, models, feeds

@@ -1,4 +1,4 @@
-"""Per-layer quantization error, per-layer sensitivity, and partial quantization of Q/DQ models.
+"""Per-layer quantization error and per-layer sensitivity of Q/DQ models.
 
 A *quantized layer* is a node of the INT8 (Q/DQ) model, other than ``QuantizeLinear`` and
 ``DequantizeLinear``, that reads at least one ``DequantizeLinear`` output: Conv, Gemm, MatMul, Add,
@@ -40,20 +40,15 @@ runs with ONNX Runtime's graph optimizations off (fusions would depend on which 
 The same holds for the errors: they are those of the Q/DQ graph evaluated with float kernels, which
 the integer kernels of a deployment engine approximate closely but not bit-exactly.
 
-**Partial quantization** (:func:`keep_float`): the INT8 model with chosen layers computing in float.
-Their chained inputs are rewired to the float value of the FP32 node's input: the float tensor before
-the Q/DQ pair, with any activation ONNX Runtime removed put back, or the FP32 initializer of a weight.
-A kept layer's output that was quantized only to become a graph output is left unquantized.  Q/DQ
-nodes and initializers nobody reads any more are removed.  Keeping every layer gives the FP32 model.
+Partial quantization (the INT8 model with chosen layers in float) is :func:`quantlab.qdq.keep.keep_float`;
+the INT8/FP32 correspondence both use is :class:`quantlab.qdq.pair.QdqPair`.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,11 +58,11 @@ from onnx import helper
 from quantlab.compare.metrics import SQNR_CAP_DB
 from quantlab.compare.metrics import sqnr_db_of_sums as sqnr_db
 from quantlab.errors import QuantlabError, check
+from quantlab.graph import ModelLike, check_topological, clone, consumers, copy_node, graph_inputs, load_model, node_key, renamed_initializer
+from quantlab.qdq.pair import QDQ_OPS, QdqPair, QuantizedLayer
 
 MEMORY_BYTES = 1 << 30  # default bound on the FP32 activations held at once by the analyses below
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
-ModelLike = onnx.ModelProto | str | Path
 Feed = Mapping[str, np.ndarray]
 Feeds = Feed | Sequence[Feed]
 
@@ -112,17 +107,6 @@ class LayerSensitivity:
 # loading, feeding, running
 
 
-def load_model(model: ModelLike, what: str) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    p = Path(model)
-    check(p.is_file(), f"{what} model '{p}' does not exist: pass the path of an .onnx file")
-    try:
-        return onnx.load(str(p))
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise QuantlabError(f"'{p}' is not an ONNX model ({type(exc).__name__}): pass an .onnx file") from None
-
-
 def _feed_list(feeds: Feeds, inputs: list[str]) -> list[dict[str, np.ndarray]]:
     batches = [feeds] if isinstance(feeds, Mapping) else list(feeds)
     check(len(batches) > 0, "no feeds given: pass a dict of input arrays or a list of them")
@@ -147,16 +131,11 @@ def _session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
 class _Exposed:
     """A whole model run with chosen intermediate tensors added as outputs."""
 
     def __init__(self, model: onnx.ModelProto, names: Iterable[str]) -> None:
-        self.inputs = _graph_inputs(model)
+        self.inputs = graph_inputs(model)
         present = {o.name for o in model.graph.output}
         wanted = [n for n in dict.fromkeys(names) if n and n not in self.inputs]
         exposed = onnx.ModelProto()
@@ -173,152 +152,6 @@ class _Exposed:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# the INT8 model, the FP32 model, and how they correspond
-
-
-@dataclass
-class _Chain:
-    """The Q/DQ nodes in front of one layer input, root first."""
-
-    nodes: list[onnx.NodeProto]
-    root: str  # INT8 tensor name: an initializer (weight) or a float activation
-    weight: bool
-
-
-@dataclass
-class _Layer:
-    index: int  # position among the INT8 graph's nodes
-    node: onnx.NodeProto  # INT8
-    fp32: onnx.NodeProto
-    fp32_index: int
-    chains: dict[int, _Chain]  # input position -> chain
-
-    @property
-    def name(self) -> str:
-        return _key(self.node)
-
-
-def _key(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
-    return {o: (i, k) for i, n in enumerate(graph.node) for k, o in enumerate(n.output) if o}
-
-
-def _consumers(nodes: Sequence[onnx.NodeProto]) -> dict[str, list[int]]:
-    users: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for name in dict.fromkeys(n.input):
-            if name:
-                users.setdefault(name, []).append(i)
-    return users
-
-
-class _Pair:
-    """An INT8 Q/DQ model, the FP32 model it was made from, and their node correspondence."""
-
-    def __init__(self, int8: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
-        self.q, self.f = int8, fp32
-        self.q_inits = {i.name: i for i in int8.graph.initializer}
-        self.f_inits = {i.name: i for i in fp32.graph.initializer}
-        self.q_prod, self.f_prod = _producers(int8.graph), _producers(fp32.graph)
-        self.inputs = _graph_inputs(fp32)
-        self.f_types = {  # element types the FP32 graph declares (shape inference fills value_info)
-            v.name: v.type.tensor_type.elem_type
-            for v in (*fp32.graph.value_info, *fp32.graph.input, *fp32.graph.output)
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
-        }
-        q_inputs = _graph_inputs(int8)
-        check(
-            sorted(q_inputs) == sorted(self.inputs),
-            f"the INT8 model's inputs {q_inputs} differ from the FP32 model's {self.inputs}: pass the FP32 model it was quantized from",
-        )
-        f_nodes = list(fp32.graph.node)
-        by_name: dict[str, list[int]] = {}
-        for i, n in enumerate(f_nodes):
-            if n.name:
-                by_name.setdefault(n.name, []).append(i)
-        self.match: dict[int, int] = {}  # INT8 node index -> FP32 node index
-        for i, n in enumerate(int8.graph.node):
-            if n.op_type in QDQ_OPS:
-                continue
-            j = None
-            same = by_name.get(n.name, []) if n.name else []
-            if len(same) == 1 and f_nodes[same[0]].op_type == n.op_type:
-                j = same[0]
-            elif n.output and n.output[0] in self.f_prod:
-                k = self.f_prod[n.output[0]][0]
-                if f_nodes[k].op_type == n.op_type:
-                    j = k
-            if j is not None:
-                self.match[i] = j
-        self.fp32_of: dict[str, str] = {n: n for n in self.inputs}  # INT8 tensor -> FP32 tensor
-        self.int8_of: dict[str, str] = {n: n for n in self.inputs}  # FP32 tensor -> INT8 tensor
-        for i, j in self.match.items():
-            for a, b in zip(int8.graph.node[i].output, f_nodes[j].output):
-                if a and b:
-                    self.fp32_of[a], self.int8_of[b] = b, a
-        self.layers: list[_Layer] = []
-        for i, n in enumerate(int8.graph.node):
-            if n.op_type in QDQ_OPS:
-                continue
-            chained = {k: x for k, x in enumerate(n.input) if x in self.q_prod and self._op(x) == "DequantizeLinear"}
-            if not chained:
-                continue
-            check(
-                i in self.match,
-                f"INT8 node '{_key(n)}' ({n.op_type}) has no counterpart in the FP32 model: pass the FP32 model it was quantized from",
-            )
-            j = self.match[i]
-            check(
-                all(k < len(f_nodes[j].input) for k in chained),
-                f"INT8 node '{_key(n)}' has inputs its FP32 counterpart lacks: pass the FP32 model it was quantized from",
-            )
-            self.layers.append(_Layer(i, n, f_nodes[j], j, {k: self._chain(x) for k, x in chained.items()}))
-
-    def _op(self, tensor: str) -> str:
-        return self.q.graph.node[self.q_prod[tensor][0]].op_type
-
-    def _chain(self, tensor: str) -> _Chain:
-        nodes = []
-        while tensor in self.q_prod and self._op(tensor) in QDQ_OPS:
-            node = self.q.graph.node[self.q_prod[tensor][0]]
-            nodes.append(node)
-            tensor = node.input[0]
-        if tensor in self.q_inits:
-            return _Chain(nodes[::-1], tensor, True)
-        check(
-            tensor in self.fp32_of,
-            f"Q/DQ input '{tensor}' of the INT8 model has no FP32 counterpart: pass the FP32 model it was quantized from",
-        )
-        return _Chain(nodes[::-1], tensor, False)
-
-    def find(self, names: Iterable[Any] | None) -> list[_Layer]:
-        """The layers named (node names, or rows with a ``node`` attribute), in graph order."""
-        if names is None:
-            return list(self.layers)
-        wanted = [getattr(n, "node", n) for n in names]
-        known = {layer.name: layer for layer in self.layers}
-        unknown = [n for n in wanted if n not in known]
-        check(
-            not unknown,
-            f"{unknown[:3]} {'is not a quantized layer' if len(unknown) == 1 else 'are not quantized layers'} of the INT8 model: "
-            "pass node names that layer_errors() lists",
-        )
-        chosen = set(wanted)
-        return [layer for layer in self.layers if layer.name in chosen]
-
-    def quantized_inputs(self, layer: _Layer) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        acts = tuple(c.root for c in layer.chains.values() if not c.weight)
-        weights = tuple(layer.fp32.input[k] for k, c in layer.chains.items() if c.weight)
-        return acts, weights
-
-    def opsets(self) -> list[onnx.OperatorSetIdProto]:
-        return list(self.q.opset_import)
-
-
 def mismatch(fp32_model: ModelLike, int8_model: ModelLike) -> str | None:
     """Why ``int8_model`` cannot be analysed against ``fp32_model``, or None when it can.
 
@@ -326,40 +159,17 @@ def mismatch(fp32_model: ModelLike, int8_model: ModelLike) -> str | None:
     quantizer writes it); a model exported separately, e.g. after QAT, is not.
     """
     try:
-        _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
+        QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     except QuantlabError as exc:
         return str(exc)
     return None
-
-
-def _copy_node(node: onnx.NodeProto, rename: Callable[[str], str], name: str | None = None) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    out.input[:] = [rename(x) if x else x for x in node.input]
-    out.output[:] = [rename(x) if x else x for x in node.output]
-    if name is not None:
-        out.name = name
-    return out
-
-
-def _clone(message: Any) -> Any:
-    out = type(message)()
-    out.CopyFrom(message)
-    return out
-
-
-def _renamed_init(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
-    out = onnx.TensorProto()
-    out.CopyFrom(init)
-    out.name = name
-    return out
 
 
 _Q = "::int8"  # suffix of INT8 artefacts copied into models built here
 
 
 def _quantized_copy(
-    pair: _Pair, layer: _Layer, fp32_name: Callable[[str], str]
+    pair: QdqPair, layer: QuantizedLayer, fp32_name: Callable[[str], str]
 ) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict[str, onnx.TensorProto]]:
     """The layer's Q/DQ chains and the layer itself, chain roots named by ``fp32_name``.
 
@@ -370,7 +180,7 @@ def _quantized_copy(
 
     def ren(x: str) -> str:
         if x in pair.q_inits:
-            inits.setdefault(x + _Q, _renamed_init(pair.q_inits[x], x + _Q))
+            inits.setdefault(x + _Q, renamed_initializer(pair.q_inits[x], x + _Q))
         return x + _Q
 
     nodes: list[onnx.NodeProto] = []
@@ -383,7 +193,7 @@ def _quantized_copy(
             if c.output[0] in seen:
                 continue
             seen.add(c.output[0])
-            copy = _copy_node(c, ren, c.name + _Q)
+            copy = copy_node(c, ren, c.name + _Q)
             if c.input[0] == chain.root:
                 copy.input[0] = root
             nodes.append(copy)
@@ -395,30 +205,17 @@ def _value_info(name: str, dtype: np.dtype) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
 
 
-def _model(pair: _Pair, graph: onnx.GraphProto) -> onnx.ModelProto:
+def _model(pair: QdqPair, graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=pair.opsets())
     model.ir_version = pair.q.ir_version
     return model
-
-
-def check_topological(graph: onnx.GraphProto) -> None:
-    """Raise ``ValueError`` unless every node reads only tensors defined before it."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    for node in graph.node:
-        missing = [x for x in node.input if x and x not in defined]
-        if missing:
-            raise ValueError(f"node '{_key(node)}' of graph '{graph.name}' reads {missing} before they are defined")
-        defined.update(o for o in node.output if o)
-    missing = [o.name for o in graph.output if o.name not in defined]
-    if missing:
-        raise ValueError(f"graph '{graph.name}' outputs {missing} are never defined")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. per-layer errors
 
 
-def _layer_model(pair: _Pair, layer: _Layer, dtypes: Mapping[str, np.dtype]) -> tuple[onnx.ModelProto, list[str], list[str]]:
+def _layer_model(pair: QdqPair, layer: QuantizedLayer, dtypes: Mapping[str, np.dtype]) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """The layer behind copies of its Q/DQ chains, on FP32 inputs; returns it, its inputs, the FP32 outputs it mirrors.
 
     The FP32 reference is the FP32 model's own output of the layer: with graph optimizations off it is
@@ -428,7 +225,7 @@ def _layer_model(pair: _Pair, layer: _Layer, dtypes: Mapping[str, np.dtype]) -> 
     floats = [o for o in f.output if o and np.issubdtype(dtypes[o], np.floating)]
     chain_nodes, qnode, q_inits = _quantized_copy(pair, layer, lambda x: pair.fp32_of[x])
     qnode.output[:] = [o + _Q if o in floats else o + "::unused" if o else o for o in f.output]
-    qnode.name = _key(f) + _Q
+    qnode.name = node_key(f) + _Q
     nodes = [*chain_nodes, qnode]
     inits = {x: pair.f_inits[x] for n in nodes for x in n.input if x in pair.f_inits}
     inits.update(q_inits)
@@ -448,7 +245,7 @@ def _sumsq(y: np.ndarray, yq: np.ndarray) -> tuple[float, float]:
     return float(np.vdot(a.ravel(), a.ravel())), float(np.vdot(d.ravel(), d.ravel()))
 
 
-def _is_float_output(pair: _Pair, name: str) -> bool:
+def _is_float_output(pair: QdqPair, name: str) -> bool:
     types = pair.f_types
     return types.get(name, onnx.TensorProto.FLOAT) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                           onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -491,7 +288,7 @@ def layer_errors(
     activations would take more than ``memory_bytes`` are run in smaller pieces (sizes measured on one
     sample); that changes the numbers only by the kernels' rounding (about 1e-6 dB).
     """
-    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
+    pair = QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     batches = _feed_list(feeds, pair.inputs)
     # a layer with no float output (e.g. a comparison feeding a mask) has no SQNR to measure
     layers = [layer for layer in pair.layers if any(_is_float_output(pair, o) for o in layer.fp32.output if o)]
@@ -550,7 +347,7 @@ class _Partial:
     is about to run, so one of them is in memory at a time.
     """
 
-    pair: _Pair
+    pair: QdqPair
     nodes: list[onnx.NodeProto]
     inits: dict[str, onnx.TensorProto]
     frontier: list[str]  # inputs fed from cached FP32 activations (or the feeds, for the whole model)
@@ -576,7 +373,7 @@ class _Partial:
         return _model(self.pair, built)
 
 
-def _partial(pair: _Pair, layer: _Layer, users: dict[str, list[int]], *, downstream: bool) -> _Partial:
+def _partial(pair: QdqPair, layer: QuantizedLayer, users: dict[str, list[int]], *, downstream: bool) -> _Partial:
     f_nodes = pair.f.graph.node
     chain_nodes, qnode, q_inits = _quantized_copy(pair, layer, lambda x: pair.fp32_of[x])
     if downstream:
@@ -603,7 +400,7 @@ def _partial(pair: _Pair, layer: _Layer, users: dict[str, list[int]], *, downstr
     return _Partial(pair, nodes, inits, frontier, outputs, "downstream" if downstream else "partial")
 
 
-def _groups(pair: _Pair, partials: Sequence[_Partial], batches: Sequence[Feed], memory_bytes: int) -> list[list[int]]:
+def _groups(pair: QdqPair, partials: Sequence[_Partial], batches: Sequence[Feed], memory_bytes: int) -> list[list[int]]:
     """Consecutive partials whose cached frontiers (over every sample) fit in ``memory_bytes`` together."""
     graph_outputs = [o.name for o in pair.f.graph.output]
     probe = _Exposed(pair.f, [x for p in partials for x in p.frontier] + graph_outputs)
@@ -654,10 +451,10 @@ def sensitivity(
     model runs once per group.  A small model is one group; the numbers do not depend on the grouping.
     """
     check(method in ("subgraph", "full"), f"unknown sensitivity method '{method}': use 'subgraph' or 'full'")
-    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
+    pair = QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     batches = _feed_list(feeds, pair.inputs)
     chosen = pair.find(layers)
-    users = _consumers(pair.f.graph.node)
+    users = consumers(pair.f.graph.node)
     partials = [_partial(pair, layer, users, downstream=method == "subgraph") for layer in chosen]
     graph_outputs = [o.name for o in pair.f.graph.output]
     groups = _groups(pair, partials, batches, memory_bytes) if method == "subgraph" and partials else [list(range(len(partials)))]
@@ -683,142 +480,3 @@ def sensitivity(
         del cache
     order = sorted(range(len(rows)), key=lambda i: (not math.isnan(rows[i].score), rows[i].score if not math.isnan(rows[i].score) else 0.0, i))
     return [rows[i] for i in order]
-
-
-# ---------------------------------------------------------------------------------------------------
-# 3. partial quantization
-
-
-def _rename(nodes: Iterable[onnx.NodeProto], graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in nodes:
-        node.input[:] = [new if x == old else x for x in node.input]
-        node.output[:] = [new if x == old else x for x in node.output]
-    for coll in (graph.input, graph.output, graph.value_info, graph.initializer):
-        for v in coll:
-            if v.name == old:
-                v.name = new
-
-
-def _stable_toposort(nodes: list[onnx.NodeProto], defined: set[str]) -> list[onnx.NodeProto]:
-    """Topological order that keeps the given order wherever it is already valid."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [{producer[x] for x in n.input if x in producer and x not in defined} - {i} for i, n in enumerate(nodes)]
-    waiting = [len(d) for d in deps]
-    after: dict[int, list[int]] = {}
-    for i, d in enumerate(deps):
-        for j in d:
-            after.setdefault(j, []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for j in after.get(i, []):
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    check(len(order) == len(nodes), "the graph has a cycle: keep_float cannot order its nodes")
-    return [nodes[i] for i in order]
-
-
-def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any]) -> onnx.ModelProto:
-    """A copy of ``int8_model`` in which the named quantized layers compute in float.
-
-    ``nodes`` are layer names as :func:`layer_errors` gives them (or its rows).  See the module
-    docstring for what changes; the result passes ``onnx.checker`` and loads in ONNX Runtime.
-    """
-    pair = _Pair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
-    chosen = pair.find(list(nodes))
-    model = onnx.ModelProto()
-    model.CopyFrom(pair.q)
-    graph = model.graph
-    node_list = [_copy_node(n, lambda x: x) for n in graph.node]
-    f_nodes = pair.f.graph.node
-    used = {x for n in node_list for x in (*n.input, *n.output)} | {i.name for i in graph.initializer}
-    used |= {i.name for i in graph.input} | {o.name for o in graph.output}
-    aliases: dict[str, str] = {}  # fresh name -> the FP32 name it stands for
-
-    def fresh(name: str) -> str:
-        new = name
-        while new in used:
-            new += "::float"
-        used.add(new)
-        if new != name:
-            aliases[new] = name
-        return new
-
-    resolved: dict[str, str] = {}  # FP32 tensor -> tensor of the new graph with its float value
-    inserted: dict[int, list[onnx.NodeProto]] = {}  # INT8 node index -> restored nodes to put before it
-    new_inits: list[onnx.TensorProto] = []
-
-    def resolve(name: str, before: int) -> str:
-        if name in resolved:
-            return resolved[name]
-        if name in pair.inputs:
-            out = name
-        elif name in pair.f_inits:
-            if name in pair.q_inits and pair.q_inits[name] == pair.f_inits[name]:
-                out = name
-            else:
-                out = fresh(name)
-                new_inits.append(_renamed_init(pair.f_inits[name], out))
-        elif name in pair.int8_of and pair.int8_of[name] in pair.q_prod:
-            out = pair.int8_of[name]
-        else:
-            check(name in pair.f_prod, f"FP32 tensor '{name}' has no producer: pass the FP32 model the INT8 model was quantized from")
-            source = f_nodes[pair.f_prod[name][0]]  # a node the quantizer removed (Relu, Clip): put it back
-            names = {x: resolve(x, before) for x in source.input if x}
-            outs = {o: fresh(o) for o in source.output if o}
-            resolved.update(outs)
-            node = _copy_node(source, lambda x: outs.get(x, names.get(x, x)), fresh(source.name) if source.name else None)
-            inserted.setdefault(before, []).append(node)
-            return resolved[name]
-        resolved[name] = out
-        return out
-
-    kept = {layer.index for layer in chosen}
-    for layer in chosen:
-        node = node_list[layer.index]
-        for k in layer.chains:
-            node.input[k] = resolve(layer.fp32.input[k], layer.index)
-    # a kept layer's output quantized only to be a graph output stays float
-    outputs = {o.name for o in graph.output}
-    for out in list(outputs):
-        where = pair.q_prod.get(out)
-        if where is None or node_list[where[0]].op_type != "DequantizeLinear":
-            continue
-        chain = pair._chain(out)
-        if chain.weight or chain.root not in pair.q_prod or pair.q_prod[chain.root][0] not in kept:
-            continue
-        node_list[where[0]].output[0] = fresh(out + "::dropped")
-        _rename([*node_list, *(n for group in inserted.values() for n in group)], graph, chain.root, out)
-    merged: list[onnx.NodeProto] = []
-    for i, node in enumerate(node_list):
-        merged += inserted.get(i, [])
-        merged.append(node)
-    # drop Q/DQ nodes nobody reads, then initializers nobody reads
-    while True:
-        read = {x for n in merged for x in n.input} | outputs
-        dead = {j for j, n in enumerate(merged) if n.op_type in QDQ_OPS and not any(o in read for o in n.output if o)}
-        if not dead:
-            break
-        merged = [n for j, n in enumerate(merged) if j not in dead]
-    read = {x for n in merged for x in n.input} | outputs
-    inits = [_clone(i) for i in (*graph.initializer, *new_inits) if i.name in read]
-    io = set(pair.inputs) | outputs
-    defined = {x for n in merged for x in n.output} | {i.name for i in inits}
-    value_info = [_clone(v) for v in graph.value_info if v.name in defined and v.name not in io]
-    graph.ClearField("node")
-    graph.node.extend(_stable_toposort(merged, {i.name for i in inits} | set(pair.inputs)))
-    graph.ClearField("initializer")
-    graph.initializer.extend(inits)
-    graph.ClearField("value_info")
-    graph.value_info.extend(value_info)
-    # fresh names go back to the FP32 names they stand for wherever those are free again
-    for alias, name in aliases.items():
-        taken = {x for n in graph.node for x in (*n.input, *n.output)} | {i.name for i in graph.initializer}
-        if name not in taken and name not in io and alias in taken:
-            _rename(graph.node, graph, alias, name)
-    check_topological(graph)
-    return model

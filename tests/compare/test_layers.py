@@ -1,4 +1,4 @@
-"""Per-layer errors, sensitivity and keep_float on the tiny conv model (both targets) and EfficientNet-Lite0."""
+"""Per-layer errors and sensitivity on the tiny conv model (both targets) and EfficientNet-Lite0."""
 
 from __future__ import annotations
 
@@ -9,35 +9,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from quantlab.calibrators import get_calibrator
-from quantlab.collect import collect_stats, ort_session
-from quantlab.compare.layers import SQNR_CAP_DB, keep_float, layer_errors, sensitivity, sqnr_db
+from quantlab.collect import ort_session
+from quantlab.compare.layers import SQNR_CAP_DB, layer_errors, sensitivity, sqnr_db
 from quantlab.errors import QuantlabError
-from quantlab.model import prepare_model
-from quantlab.qdq.targets import TARGETS, compute_ranges, write_qdq_model
+from quantlab.qdq.keep import keep_float
+from quantlab.qdq.targets import TARGETS
 
 from conftest import ROOT, conv_net, save_model
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """The prepared tiny conv net and its minmax Q/DQ model for each target, plus three seeded batches."""
-    folder = tmp_path_factory.mktemp("layers")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
-        pm = prepare_model(save_model(conv_net(), folder / "tiny.onnx"))
-    g = np.random.default_rng(0)
-    calib = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
-    stats = collect_stats(pm, calib)
-    models = {}
-    for name, target in TARGETS.items():
-        out = folder / f"{name}.onnx"
-        write_qdq_model(pm.path, compute_ranges(stats, get_calibrator("minmax"), target), target, out)
-        models[name] = onnx.load(str(out))
-    fp32 = onnx.load(str(pm.path))
-    g = np.random.default_rng(7)
-    feeds = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
-    return fp32, models, feeds
 
 
 def _run(model, feeds):
@@ -165,44 +143,6 @@ def test_memory_bound_changes_grouping_not_numbers(tiny_pair, target, monkeypatc
         assert a.accumulated_sqnr_db == pytest.approx(b.accumulated_sqnr_db, abs=1e-4)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_keep_float_everything_is_fp32(tiny_pair, target):
-    fp32, models, feeds = tiny_pair
-    names = [r.node for r in layer_errors(fp32, models[target], feeds)]
-    model = keep_float(models[target], fp32, names)
-    onnx.checker.check_model(model)
-    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    assert sorted(n.op_type for n in model.graph.node) == sorted(n.op_type for n in fp32.graph.node)
-    for a, b in zip(_run(model, feeds), _run(fp32, feeds)):
-        assert np.array_equal(a, b)
-
-
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_keep_float_one_node(tiny_pair, target):
-    fp32, models, feeds = tiny_pair
-    q = models[target]
-    model = keep_float(q, fp32, ["conv2"])
-    onnx.checker.check_model(model)
-    nodes = {n.name: n for n in model.graph.node}
-    originals = {n.name: n for n in q.graph.node}
-    conv2 = nodes["conv2"]
-    assert conv2.input[1] == "w2" and conv2.input[2] == "b2"  # FP32 weights and bias
-    assert conv2.input[0] in ("r1", "r1::float")  # the float activation, before the Q/DQ pair
-    # the shared Q/DQ of r1 still feeds the residual Add; w2's DQ and its initializers are gone
-    assert nodes["add1"].input[1] == "r1_DequantizeLinear_Output"
-    assert "r1_QuantizeLinear" in nodes and "w2_DequantizeLinear" not in nodes
-    inits = {i.name for i in model.graph.initializer}
-    assert "w2_quantized" not in inits and "w2_scale" not in inits and "w2" in inits
-    for name, node in originals.items():  # every other node as it was
-        if name not in ("conv2", "w2_DequantizeLinear", "b2_DequantizeLinear"):
-            assert nodes[name] == node, name
-    # numerically: INT8 everywhere but conv2, which matches FP32 conv2 on the same (INT8-upstream) input
-    (out,) = _run(model, feeds)
-    (ref,) = _run(fp32, feeds)
-    (int8,) = _run(q, feeds)
-    assert not np.array_equal(out, int8) and not np.array_equal(out, ref)
-
-
 def test_sqnr_edge_cases():
     assert sqnr_db(0.0, 0.0) == SQNR_CAP_DB  # zero output, no error
     assert sqnr_db(4.0, 0.0) == SQNR_CAP_DB  # no error
@@ -222,8 +162,6 @@ def test_layer_without_error_gets_the_cap(tiny_pair):
 
 def test_bad_arguments(tiny_pair):
     fp32, models, feeds = tiny_pair
-    with pytest.raises(QuantlabError, match="not a quantized layer"):
-        keep_float(models["tensorrt"], fp32, ["relu1"])
     with pytest.raises(QuantlabError, match="no array for model input"):
         layer_errors(fp32, models["tensorrt"], {"x": feeds[0]["input"]})
     with pytest.raises(QuantlabError, match="unknown sensitivity method"):
