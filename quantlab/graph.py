@@ -42,7 +42,7 @@ def load_model(model: ModelLike, what: str = "ONNX") -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if not isinstance(model, (str, os.PathLike)):
-        raise QuantlabError(f"{what} model must be an onnx.ModelProto or the path of an .onnx file, not {type(model).__name__}")
+        raise QuantlabError(f"{what} model must be an onnx.ModelProto or a path to an .onnx file, not {type(model).__name__}")
     p = Path(model)
     check(p.is_file(), f"{what} model '{p}' does not exist: pass the path of an .onnx file")
     try:
@@ -161,7 +161,7 @@ def stable_toposort(nodes: Sequence[onnx.NodeProto], defined: set[str]) -> list[
             waiting[j] -= 1
             if waiting[j] == 0:
                 heapq.heappush(ready, j)
-    check(len(order) == len(nodes), "the graph has a cycle: keep_float cannot order its nodes")
+    check(len(order) == len(nodes), "the graph has a cycle, so its nodes have no topological order: check the model with onnx.checker")
     return [nodes[i] for i in order]
 
 

@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 import onnx
 
-from quantlab.qdq.lint import LintIssue, _GraphIndex
+from quantlab.qdq.lint import LintIssue, LintIndex
 
 ADVICE: Mapping[str, str] = MappingProxyType({
     "residual-both-inputs": "a residual Add quantizes only its skip input, so it fuses into the convolution",
@@ -50,7 +50,7 @@ def fusion_advice(model: onnx.ModelProto) -> tuple[LintIssue, ...]:
     Each is a :class:`~quantlab.qdq.lint.LintIssue` whose ``rule`` is a key of :data:`ADVICE`.
     """
     graph = model.graph
-    index = _GraphIndex(graph)
+    index = LintIndex(graph)
     producer, consumers, outputs = index.producer, index.consumers, index.outputs
     constants = index.tensors  # initializers and Constant outputs
 

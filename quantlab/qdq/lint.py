@@ -41,7 +41,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -49,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantlab.errors import QuantlabError
+from quantlab.graph import GraphIndex, load_model
 
 __all__ = ["RULES", "LintIssue", "LintReport", "lint_onnx_file", "lint_tensorrt"]
 
@@ -169,28 +168,20 @@ def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
-class _GraphIndex:
-    """Look-ups over one graph: constants, producers, consumers and element types."""
+class LintIndex(GraphIndex):
+    """Lint's look-ups over one graph: constants, labels and element types, on the shared producer and
+    consumer index (each read listed, as the rules report each one)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
+        super().__init__(graph, each_read=True)
         self.labels: dict[int, str] = {}
         self.tensors: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.outputs = {value.name for value in graph.output}
         self.declared: dict[str, int] = {}
         for value in [*graph.input, *graph.value_info, *graph.output]:
             if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
                 self.declared.setdefault(value.name, value.type.tensor_type.elem_type)
         for index, node in enumerate(graph.node):
             self.labels[id(node)] = node.name or f"{node.op_type}[{index}]"
-            for name in node.output:
-                if name:
-                    self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS and node.output:
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
@@ -228,7 +219,7 @@ def _input(node: onnx.NodeProto, index: int) -> str:
     return node.input[index] if len(node.input) > index else ""
 
 
-def _q_output_type(index: _GraphIndex, node: onnx.NodeProto) -> int | None:
+def _q_output_type(index: LintIndex, node: onnx.NodeProto) -> int | None:
     """A Q outputs its zero-point's type, else ``output_dtype`` (opset 21), else UINT8."""
     zero_point = _input(node, 2)
     if zero_point:
@@ -236,7 +227,7 @@ def _q_output_type(index: _GraphIndex, node: onnx.NodeProto) -> int | None:
     return _attribute(node, "output_dtype", 0) or _UINT8
 
 
-def _weight_source(index: _GraphIndex, node: onnx.NodeProto) -> str | None:
+def _weight_source(index: LintIndex, node: onnx.NodeProto) -> str | None:
     """The constant a Q/DQ quantizes: its own input, or the input of the Q before a DQ."""
     x = _input(node, 0)
     if index.is_constant(x):
@@ -273,7 +264,7 @@ class _Linter:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.index = _GraphIndex(model.graph)
+        self.index = LintIndex(model.graph)
         self.issues: list[LintIssue] = []
         self._seen: set[LintIssue] = set()
 
@@ -539,24 +530,6 @@ class _Linter:
                 )
 
 
-def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if not isinstance(model, (str, os.PathLike)):
-        raise QuantlabError(
-            f"lint_tensorrt takes an onnx.ModelProto or a path, not {type(model).__name__}"
-        )
-    path = Path(model)
-    if not path.is_file():
-        raise QuantlabError(f"ONNX model {path} does not exist or is not a file; check the path")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # onnx raises protobuf DecodeError, ValueError, OSError...
-        raise QuantlabError(
-            f"{path} could not be read as an ONNX model ({type(exc).__name__}); pass a .onnx file"
-        ) from exc
-
-
 def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> LintReport:
     """Check ``model`` (a ModelProto or a path to one) against TensorRT's Q/DQ rules.
 
@@ -578,7 +551,7 @@ def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> LintReport
 
     from quantlab.qdq.fusion import fusion_advice
 
-    loaded = _load(model)
+    loaded = load_model(model)
     report = _Linter(loaded).run()
     return replace(report, advice=fusion_advice(loaded))
 

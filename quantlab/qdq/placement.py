@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from quantlab.graph import GraphIndex
+
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONVOLUTIONS = ("Conv", "ConvTranspose")
 #: quantized for ``tensorrt`` only where INT8 flows through them
@@ -76,21 +78,14 @@ class Placement:
         return bool(self.nodes)
 
 
-class _Graph:
-    """Producers, consumers and constants of one graph."""
+class _Graph(GraphIndex):
+    """Constants and declared element types of one graph, on the shared producer/consumer index."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
-        self.nodes = list(graph.node)
+        super().__init__(graph)
         self.constants = {i.name for i in graph.initializer}
         self.constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-        self.producer = {o: n for n in graph.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for name in dict.fromkeys(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append(n)
-        self.outputs = {o.name for o in graph.output}
         types = {
             v.name: v.type.tensor_type.elem_type
             for v in (*graph.value_info, *graph.input, *graph.output)

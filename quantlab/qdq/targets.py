@@ -45,6 +45,7 @@ import onnx
 
 from quantlab.calibrators import Calibrator, asymmetric_range
 from quantlab.errors import QuantlabError
+from quantlab.graph import GraphIndex, consumers, load_model
 from quantlab.qdq.placement import Placement, plan_placement, release_float_inputs
 from quantlab.stats import StatsSet
 
@@ -157,7 +158,7 @@ def write_qdq_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    placement = placement_for(onnx.load(str(model_path)), target, exclude)
+    placement = placement_for(load_model(model_path, "FP32"), target, exclude)
     extra: dict[str, object] = {"ActivationSymmetric": target.symmetric, "WeightSymmetric": True}
     kwargs: dict[str, object] = {
         "op_types_to_quantize": list(placement.op_types), "nodes_to_quantize": list(placement.nodes),
@@ -216,7 +217,7 @@ def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterab
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    check_dynamic(onnx.load(str(model_path)), exclude)
+    check_dynamic(load_model(model_path, "FP32"), exclude)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantlab-") as tmp:
         dst = Path(tmp) / "model.onnx"
@@ -547,8 +548,8 @@ def plan_rewrite(
         or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
     ):
         return None
-    producer = {out: node for node in graph.node for out in node.output}
-    fp32_readers = Counter(name for node in fp32.graph.node for name in node.input if name)
+    producer = GraphIndex(graph).producer
+    fp32_readers = Counter({t: len(users) for t, users in consumers(fp32.graph.node, each_read=True).items()})
 
     weights: dict[str, onnx.NodeProto] = {}  # DequantizeLinear of a quantized weight, by its input
     biases: dict[str, onnx.NodeProto] = {}  # DequantizeLinear of an INT32 bias, by its output

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from quantlab.graph import GraphIndex
+
 Feed = dict[str, np.ndarray]
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -79,16 +81,10 @@ class Graph:
     def refresh(self) -> None:
         g = self.model.graph
         self.inits = {i.name: i for i in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in g.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for name in node.input:
-                if name:
-                    self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in g.output}
+        index = GraphIndex(g, each_read=True)  # readers counted per read: Add(x, x) reads x twice
+        self.producer: dict[str, onnx.NodeProto] = index.producer
+        self.readers: dict[str, list[onnx.NodeProto]] = index.consumers
+        self.outputs = index.outputs
         self._names = {n.name for n in g.node} | set(self.producer) | set(self.inits) | {i.name for i in g.input}
 
     @property

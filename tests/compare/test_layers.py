@@ -15,7 +15,7 @@ from quantlab.errors import QuantlabError
 from quantlab.qdq.keep import keep_float
 from quantlab.qdq.targets import TARGETS
 
-from conftest import ROOT, conv_net, save_model
+from conftest import ROOT
 
 
 def _run(model, feeds):
