@@ -1,11 +1,13 @@
-"""Writing a run folder: atomically, deterministically, with a manifest of what it holds."""
+"""Writing a run folder: atomically, deterministically, with a manifest of what it holds.
+
+It knows nothing of the report: the command that finishes a run asks for it
+(:func:`quantlab.report.write_report_files`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -16,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from quantlab.errors import check
+from quantlab.textio import csv_text, dumps_json, write_text  # noqa: F401  (the writers of a run folder)
 
 
 UNHASHED = ("timing", "report")  # files that show measured times or dates: listed without a digest
-REPORT_FILES = ("index.html", "summary.md", "report.json")
 
 
 @dataclass(frozen=True)
@@ -42,24 +44,6 @@ class Artefact:
             d["bytes"] = len(data)
             d["sha256"] = hashlib.sha256(data).hexdigest()
         return d
-
-
-def dumps_json(obj: Any) -> str:
-    """JSON with sorted keys and a trailing newline: the same object always gives the same bytes."""
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8", newline="\n")
-
-
-def csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 @contextlib.contextmanager
@@ -89,8 +73,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def update_manifest(run: Path, artefacts: list[Artefact]) -> None:
     """List ``artefacts`` in ``run/manifest.json`` (replacing entries with the same path), atomically."""
-    import json
-
     path = run / "manifest.json"
     manifest = json.loads(path.read_text(encoding="utf-8"))
     new = {a.path for a in artefacts}
@@ -99,11 +81,3 @@ def update_manifest(run: Path, artefacts: list[Artefact]) -> None:
     tmp = run / f".manifest.json.tmp-{os.getpid()}"
     write_text(tmp, dumps_json(manifest))
     os.replace(tmp, path)
-
-
-def write_report_files(run: Path) -> None:
-    """The HTML/Markdown/JSON report of a run folder, listed in its manifest."""
-    from quantlab.report import write_report
-
-    write_report(run)
-    update_manifest(run, [Artefact(name, "report") for name in REPORT_FILES])

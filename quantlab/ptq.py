@@ -20,9 +20,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ from typing import Any
 import numpy as np
 
 from quantlab import __version__
-from quantlab.artefacts import Artefact, atomic_dir, csv_text, dumps_json, write_report_files, write_text
+from quantlab.artefacts import Artefact, atomic_dir
 from quantlab.config import Config
 from quantlab.errors import QuantlabError, check, stage
 from quantlab.model import PreparedModel, export_pytorch, prepare_model
+from quantlab.scales import scale_rows, write_scale_tables
 from quantlab.stats import StatsSet
+from quantlab.textio import dumps_json, write_text
 from quantlab.transforms.result import TransformResult
 
 ProgressFactory = Callable[[int], Any]
@@ -277,6 +280,37 @@ def write_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall time of the ``with`` block as ``seconds[key]`` (when it completes)."""
+    t0 = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - t0
+
+
+@dataclass
+class Reference:
+    """The FP32 reference on the first calibration batch: what every INT8 model is checked against."""
+
+    feed: dict[str, np.ndarray]
+    outputs: np.ndarray  # the first output
+    batch: int  # the batch size latency is measured at
+    latency_ms: float | None
+
+
+@dataclass
+class RunFiles:
+    """What the stages have written into the run folder so far, in manifest order."""
+
+    folder: Path
+    artefacts: list[Artefact] = field(default_factory=list)
+    engines: list[EngineSummary] = field(default_factory=list)
+    scales: list[dict[str, Any]] = field(default_factory=list)  # rows of the scale table
+
+    def add(self, rel: str, kind: str, calibrator: str | None = None, target: str | None = None) -> None:
+        self.artefacts.append(Artefact(rel, kind, calibrator, target))
+
+
 def run_ptq(
     config: Config,
     *,
@@ -288,44 +322,95 @@ def run_ptq(
     ``stats`` reuses the statistics of an earlier run (a ``StatsSet`` or its ``stats.npz``) so that
     another calibrator or percentile costs no inference.  ``progress(total)`` may return a progress
     bar (anything with ``update(n)`` and ``close()``) for the calibration batches.
-    """
-    import onnx
 
+    The stages, in order: :func:`prepare`, :func:`check_quantizable`, :func:`transform_model`,
+    :func:`statistics`, :func:`run_reference`, :func:`kept_float_nodes`, then in the run folder
+    :func:`write_float_models`, :func:`write_static_models` (calibrate, place Q/DQ, check, per
+    calibrator and target), :func:`write_dynamic` and the scale tables, summary, timing and manifest
+    (:func:`write_run_record`).  The report is asked for last.
+    """
     from quantlab.calibrators import get_calibrator
-    from quantlab.collect import ort_session
-    from quantlab.qdq.targets import (
-        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, TARGETS, QdqRewrite, check_dynamic, compute_ranges, fill_value_tensors,
-        float_nodes,
-        placement_for, plan_rewrite, read_quant_params, write_dynamic_model,
-    )
-    from quantlab.trtcache import format_calibration_cache
+    from quantlab.qdq.targets import DYNAMIC_TARGET
 
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
+    with _timed(seconds, "prepare"):
+        source, reference_model = prepare(config)
+    fp32_model = check_quantizable(config, reference_model)
+    prepared, transforms = reference_model, []  # prepared: the graph the INT8 models quantize
+    if config.ptq.transforms:
+        with _timed(seconds, "transforms"):
+            prepared, transforms = transform_model(config, reference_model, sorted(config.ptq.exclude))
+        seconds.update({f"transform:{t.name}": t.seconds for t in transforms})
+        fp32_model = _load(prepared.path)
+    with _timed(seconds, "statistics"):
+        stats = statistics(config, prepared, source, stats, progress)
+    reference = run_reference(config, reference_model, source)
+    calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
+    kept_float = kept_float_nodes(config, fp32_model, stats, transforms)
+    notes = list(reference_model.notes)
+    said = [dynamic_note(list(calibrators))] if DYNAMIC_TARGET in config.ptq.targets else []
+    run_dir = config.resolve(config.ptq.out) / (config.ptq.run_name or config.model.display_name)
+    with atomic_dir(run_dir) as tmp:
+        run = RunFiles(tmp)
+        notes += write_float_models(run, config, stats, reference_model, prepared, transforms, seconds)
+        failures = write_static_models(run, config, calibrators, stats, prepared, fp32_model, kept_float, reference, seconds)
+        if DYNAMIC_TARGET in config.ptq.targets:
+            with _timed(seconds, f"dynamic:{DYNAMIC_TARGET}"):
+                write_dynamic(run, config, prepared, kept_float["nodes"], reference)
+        for name in write_scale_tables(tmp, run.scales):
+            run.add(name, "scale-table")
+        if failures:
+            kept_float["quantizer_failed"] = failures
+        result = PtqResult(
+            run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), run.engines,
+            reference.latency_ms, seconds, kept_float, notes, reference.batch, said, transforms,
+        )
+        write_run_record(run, config, result, stats, reference_model, prepared)
+    if config.ptq.report:
+        from quantlab.report import write_report_files
+
+        with _timed(seconds, "report"):
+            write_report_files(run_dir)  # index.html, summary.md, report.json: views of the files above
+    return result
+
+
+def _load(path: Path) -> Any:
+    from quantlab.graph import load_model
+
+    return load_model(path, "prepared")
+
+
+def prepare(config: Config) -> tuple[Path, PreparedModel]:
+    """Stage 1: the configured model (exported first when it is a PyTorch factory) and its prepared form."""
     source = resolve_model(config)
     with stage("prepare", f"preparing '{source.name}'", "check that the model loads and runs in ONNX Runtime"):
-        prepared = prepare_model(source, config.model.input_shapes)
-    seconds["prepare"] = time.perf_counter() - t0
-    fp32_model = onnx.load(str(prepared.path))
+        return source, prepare_model(source, config.model.input_shapes)
+
+
+def check_quantizable(config: Config, prepared: PreparedModel) -> Any:
+    """The prepared ``ModelProto``, once ``[ptq] exclude`` names only its nodes and every target finds
+    something to quantize: a target with nothing to quantize stops here, before any inference."""
+    from quantlab.qdq.targets import DYNAMIC_TARGET, TARGETS, check_dynamic, placement_for
+
+    fp32_model = _load(prepared.path)
     named = {n.name for n in fp32_model.graph.node if n.name}
     unknown = [n for n in config.ptq.exclude if n not in named]
     check(not unknown, f"ptq.exclude names {unknown[:3]}, not node(s) of the model: use node names as the model shows them "
                        "(e.g. in Netron, or the per-layer table of quantlab compare)")
-    for tname in config.ptq.targets:  # a target with nothing to quantize stops here, before any inference
+    for tname in config.ptq.targets:
         if tname == DYNAMIC_TARGET:
             check_dynamic(fp32_model, config.ptq.exclude)
         else:
             placement_for(fp32_model, TARGETS[tname], config.ptq.exclude)
-    reference_model = prepared  # the reference: compared with, and what FP16 is made from
-    transforms: list[TransformResult] = []
-    if config.ptq.transforms:
-        t0 = time.perf_counter()
-        prepared, transforms = transform_model(config, reference_model, sorted(config.ptq.exclude))
-        seconds["transforms"] = time.perf_counter() - t0
-        for t in transforms:
-            seconds[f"transform:{t.name}"] = t.seconds
-        fp32_model = onnx.load(str(prepared.path))
-    t0 = time.perf_counter()
+    return fp32_model
+
+
+def statistics(
+    config: Config, prepared: PreparedModel, source: Path, stats: StatsSet | str | Path | None,
+    progress: ProgressFactory | None = None,
+) -> StatsSet:
+    """Stage 2: the one statistics pass over the calibration data, or the statistics given (a
+    ``StatsSet`` or its file), which must have been collected on this very (transformed) model."""
     if stats is None:
         with stage("statistics", f"running '{source.name}' in ONNX Runtime on the calibration data",
                    "check that the data matches the model's inputs (shapes, dtypes, preprocessing)"):
@@ -337,168 +422,193 @@ def run_ptq(
         "the statistics were collected on a different model (or with other [ptq] transforms): re-run calibration "
         "for this model (drop --stats)",
     )
-    seconds["statistics"] = time.perf_counter() - t0
-    name = config.ptq.run_name or config.model.display_name
-    run_dir = config.resolve(config.ptq.out) / name
+    return stats
+
+
+def run_reference(config: Config, reference_model: PreparedModel, source: Path) -> Reference:
+    """The untransformed FP32 model on the first calibration batch: its output and latency."""
+    from quantlab.collect import ort_session
+
     feed = _first_batch(config, reference_model)
     batch = latency_batch(reference_model)
     with stage("statistics", f"running '{source.name}' in ONNX Runtime on the first calibration batch",
                "check that the data matches the model's inputs (shapes, dtypes, preprocessing)"):
         fp32 = ort_session(str(reference_model.path), level="all")
-        reference = fp32.run(None, feed)[0]
-        fp32_latency = _latency_ms(fp32, feed, config.ptq.latency_runs, batch)
+        outputs = fp32.run(None, feed)[0]
+        latency = _latency_ms(fp32, feed, config.ptq.latency_runs, batch)
+    return Reference(feed, outputs, batch, latency)
 
-    calibrators = {c: get_calibrator(c, percentile=config.ptq.percentile) for c in config.ptq.calibrators}
-    notes = list(reference_model.notes)
-    # one quantize_static call per target; the other calibrators rewrite that model's scales
+
+def kept_float_nodes(config: Config, fp32_model: Any, stats: StatsSet, transforms: list[TransformResult]) -> dict[str, Any]:
+    """The nodes every INT8 model leaves in float, and why: those that write or read fill values
+    (no INT8 scale holds -3.4e38), those named in ``[ptq] exclude``, the transforms' scaling nodes."""
+    from quantlab.qdq.targets import fill_value_tensors, float_nodes
+
     fills = fill_value_tensors(stats)
     added = sorted({n for t in transforms for n in t.keep_float})
-    kept_float = {"nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills)) | set(added)),
-                  "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude)}
+    kept_float: dict[str, Any] = {
+        "nodes": sorted(set(config.ptq.exclude) | set(float_nodes(fp32_model, fills)) | set(added)),
+        "fill_value_tensors": fills, "excluded_by_config": sorted(config.ptq.exclude),
+    }
     if added:
         kept_float["added_by_transforms"] = added
-    static_targets = [t for t in config.ptq.targets if t != DYNAMIC_TARGET]
-    said: list[str] = []
-    if DYNAMIC_TARGET in config.ptq.targets:
-        said.append(
-            f"{DYNAMIC_TARGET}: activations are quantized at run time, so the calibrators "
-            f"({', '.join(calibrators)}) make no difference to it; one model: int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
-        )
-    rewrites: dict[str, QdqRewrite | None] = {}
-    quantizer_failures: dict[str, dict[str, str]] = {}  # target -> node ONNX Runtime's quantizer failed on -> why
-    artefacts: list[Artefact] = []
-    engines: list[EngineSummary] = []
-    scale_rows: list[dict[str, Any]] = []
-    with atomic_dir(run_dir) as tmp:
-        write_text(tmp / "config.json", dumps_json(config_dict(config)))
-        artefacts.append(Artefact("config.json", "config"))
-        t0 = time.perf_counter()
+    return kept_float
+
+
+def dynamic_note(calibrators: list[str]) -> str:
+    """What a run says once about ``ort-dynamic``: no calibrator changes it."""
+    from quantlab.qdq.targets import DYNAMIC_CALIBRATOR, DYNAMIC_TARGET
+
+    return (
+        f"{DYNAMIC_TARGET}: activations are quantized at run time, so the calibrators "
+        f"({', '.join(calibrators)}) make no difference to it; one model: int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+    )
+
+
+def write_float_models(
+    run: RunFiles, config: Config, stats: StatsSet, reference_model: PreparedModel, prepared: PreparedModel,
+    transforms: list[TransformResult], seconds: dict[str, float],
+) -> list[str]:
+    """The run's inputs: ``config.json``, ``stats.npz``, the FP32 model (and the transformed one), the
+    FP16 model.  Returns the note saying why no FP16 model was written, if none was."""
+    tmp = run.folder
+    write_text(tmp / "config.json", dumps_json(config_dict(config)))
+    run.add("config.json", "config")
+    with _timed(seconds, "fp16"):
         stats.save(tmp / "stats.npz")
-        artefacts.append(Artefact("stats.npz", "statistics"))
+        run.add("stats.npz", "statistics")
         shutil.copyfile(reference_model.path, tmp / "model_fp32.onnx")
-        artefacts.append(Artefact("model_fp32.onnx", "model-fp32"))
+        run.add("model_fp32.onnx", "model-fp32")
         if transforms:
             shutil.copyfile(prepared.path, tmp / TRANSFORMED)
-            artefacts.append(Artefact(TRANSFORMED, "model-fp32-transformed"))
+            run.add(TRANSFORMED, "model-fp32-transformed")
         fp16_error = try_write_fp16(reference_model.path, tmp / "model_fp16.onnx")
         if fp16_error is None:
-            artefacts.append(Artefact("model_fp16.onnx", "model-fp16"))
+            run.add("model_fp16.onnx", "model-fp16")
+    return [] if fp16_error is None else [f"no FP16 model: {fp16_error}"]
+
+
+def write_static_models(
+    run: RunFiles, config: Config, calibrators: dict[str, Any], stats: StatsSet, prepared: PreparedModel,
+    fp32_model: Any, kept_float: dict[str, Any], reference: Reference, seconds: dict[str, float],
+) -> dict[str, dict[str, str]]:
+    """Stages 3-5 per calibrator and static target: calibrate (ranges), place Q/DQ and write the model,
+    check it, list its scales; then the calibrator's TensorRT calibration cache.
+
+    One ``quantize_static`` call per target; the other calibrators rewrite that model's scales
+    (:func:`~quantlab.qdq.targets.plan_rewrite`).  Returns, per target, the nodes ONNX Runtime's
+    quantizer failed on and why (left in float, see :func:`quantize_or_skip`).
+    """
+    from quantlab.qdq.targets import DYNAMIC_TARGET, TARGETS, QdqRewrite, compute_ranges
+
+    static_targets = [t for t in config.ptq.targets if t != DYNAMIC_TARGET]
+    rewrites: dict[str, QdqRewrite | None] = {}
+    failures: dict[str, dict[str, str]] = {}  # target -> node ONNX Runtime's quantizer failed on -> why
+    for cname, calibrator in calibrators.items():
+        by_target: dict[str, dict] = {}
+        for tname in static_targets:
+            with _timed(seconds, f"ranges:{cname}:{tname}"):
+                ranges = by_target[tname] = compute_ranges(stats, calibrator, TARGETS[tname])
+            rel = f"int8/{cname}.{tname}.onnx"
+            with _timed(seconds, f"qdq:{cname}:{tname}"):
+                qmodel, data = write_qdq(
+                    run.folder / rel, prepared, fp32_model, ranges, tname, kept_float["nodes"], rewrites,
+                    failures.setdefault(tname, {}), plan=len(calibrators) > 1,
+                )
+            run.add(rel, "model-int8-qdq", cname, tname)
+            with _timed(seconds, f"checks:{cname}:{tname}"):
+                run.engines.append(_check_engine(cname, tname, rel, run.folder, data, qmodel, reference.outputs,
+                                                 reference.feed, config, reference.batch))
+                run.scales += scale_rows(ranges, qmodel, stats.folded, cname, tname)
+        trt_ranges = by_target.get("tensorrt") or compute_ranges(stats, calibrator, TARGETS["tensorrt"])
+        rel = f"trt/{cname}.calib.cache"
+        write_calibration_cache(run.folder / rel, trt_ranges, kept_float["fill_value_tensors"])
+        run.add(rel, "tensorrt-calibration-cache", cname, "tensorrt")
+    return {t: dict(sorted(f.items())) for t, f in sorted(failures.items()) if f}
+
+
+def write_qdq(
+    out: Path, prepared: PreparedModel, fp32_model: Any, ranges: dict[str, Any], tname: str, kept: list[str],
+    rewrites: dict[str, Any], failed: dict[str, str], *, plan: bool,
+) -> tuple[Any, bytes]:
+    """Stage 4, one model: the Q/DQ model of target ``tname`` with ``ranges``, written to ``out``.
+
+    The first model of a target comes from ONNX Runtime's ``quantize_static``
+    (:func:`quantize_or_skip`); with ``plan`` the scale rewrite of that model is planned and kept in
+    ``rewrites`` so the next calibrators only rewrite scales.  Returns the model and its bytes.
+    """
+    import onnx
+
+    from quantlab.qdq.targets import TARGETS, plan_rewrite
+
+    rewrite = rewrites.get(tname)
+    with stage("quantize", f"ONNX Runtime's quantize_static for target {tname}",
+               "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+        qmodel = rewrite.apply(ranges) if rewrite is not None else None
+        if qmodel is None:
+            quantize_or_skip(prepared.path, ranges, TARGETS[tname], out, kept, failed)
+            data = out.read_bytes()
+            qmodel = onnx.load_model_from_string(data)
+            if plan and tname not in rewrites:
+                rewrites[tname] = plan_rewrite(fp32_model, qmodel, ranges, TARGETS[tname], sorted({*kept, *failed}))
         else:
-            notes.append(f"no FP16 model: {fp16_error}")
-        seconds["fp16"] = time.perf_counter() - t0
-        for cname, calibrator in calibrators.items():
-            by_target: dict[str, dict] = {}
-            for tname in static_targets:
-                t0 = time.perf_counter()
-                target = TARGETS[tname]
-                ranges = by_target[tname] = compute_ranges(stats, calibrator, target)
-                seconds[f"ranges:{cname}:{tname}"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                rel = f"int8/{cname}.{tname}.onnx"
-                rewrite = rewrites.get(tname)
-                with stage("quantize", f"ONNX Runtime's quantize_static for target {tname}",
-                           "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
-                    qmodel = rewrite.apply(ranges) if rewrite is not None else None
-                    if qmodel is None:
-                        failed = quantizer_failures.setdefault(tname, {})
-                        quantize_or_skip(prepared.path, ranges, target, tmp / rel, kept_float["nodes"], failed)
-                        data = (tmp / rel).read_bytes()
-                        qmodel = onnx.load_model_from_string(data)
-                        if len(calibrators) > 1 and tname not in rewrites:
-                            rewrites[tname] = plan_rewrite(
-                                fp32_model, qmodel, ranges, target, sorted({*kept_float["nodes"], *failed})
-                            )
-                    else:
-                        data = qmodel.SerializeToString()
-                        (tmp / rel).write_bytes(data)
-                seconds[f"qdq:{cname}:{tname}"] = time.perf_counter() - t0
-                artefacts.append(Artefact(rel, "model-int8-qdq", cname, tname))
-                t0 = time.perf_counter()
-                engines.append(_check_engine(cname, tname, rel, tmp, data, qmodel, reference, feed, config, batch))
-                deployed = {(p.kind, p.tensor): p for p in read_quant_params(qmodel)}
-                seconds[f"checks:{cname}:{tname}"] = time.perf_counter() - t0
-                for tensor, r in sorted(ranges.items()):
-                    p = deployed.get(("activation", tensor))
-                    scale_rows.append({
-                        "tensor": tensor, "kind": "activation", "calibrator": cname, "target": tname,
-                        "amax": r.amax, "min": r.lo, "max": r.hi,
-                        "scale": None if p is None else p.scale[0],
-                        "zero_point": None if p is None else p.zero_point[0],
-                        "dtype": None if p is None else p.dtype, "channels": 1,
-                        "folded_into": stats.folded.get(tensor),
-                    })
-                for (kind, tensor), p in sorted(deployed.items()):
-                    if kind == "weight":
-                        scale_rows.append({
-                            "tensor": tensor, "kind": "weight", "calibrator": cname, "target": tname,
-                            "amax": max(p.scale) * 127.0, "min": None, "max": None,
-                            "scale": list(p.scale), "zero_point": list(p.zero_point), "dtype": p.dtype,
-                            "channels": len(p.scale), "folded_into": None,
-                        })
-            trt_ranges = by_target.get("tensorrt") or compute_ranges(stats, calibrator, TARGETS["tensorrt"])
-            amaxes = {n: r.amax for n, r in trt_ranges.items() if n not in fills}  # no INT8 range for fill values
-            rel = f"trt/{cname}.calib.cache"
-            write_text(tmp / rel, format_calibration_cache(amaxes))
-            artefacts.append(Artefact(rel, "tensorrt-calibration-cache", cname, "tensorrt"))
-        if DYNAMIC_TARGET in config.ptq.targets:
-            t0 = time.perf_counter()
-            rel = f"int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
-            with stage("quantize", f"ONNX Runtime's quantize_dynamic for target {DYNAMIC_TARGET}",
-                       "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
-                write_dynamic_model(prepared.path, tmp / rel, exclude=kept_float["nodes"])
-            data = (tmp / rel).read_bytes()
-            artefacts.append(Artefact(rel, "model-int8-dynamic", DYNAMIC_CALIBRATOR, DYNAMIC_TARGET))
-            engines.append(_check_engine(
-                DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, rel, tmp, data, onnx.load_model_from_string(data), reference, feed,
-                config, batch,
-            ))
-            seconds[f"dynamic:{DYNAMIC_TARGET}"] = time.perf_counter() - t0
-        write_text(tmp / "scales.json", dumps_json(scale_rows))
-        artefacts.append(Artefact("scales.json", "scale-table"))
-        header = ["tensor", "kind", "calibrator", "target", "dtype", "amax", "min", "max", "channel", "scale", "zero_point"]
-        rows = []
-        for r in scale_rows:
-            scales = r["scale"] if isinstance(r["scale"], list) else [r["scale"]]
-            zps = r["zero_point"] if isinstance(r["zero_point"], list) else [r["zero_point"]]
-            for ch, (s, z) in enumerate(zip(scales, zps)):
-                rows.append([
-                    r["tensor"], r["kind"], r["calibrator"], r["target"], r["dtype"] or "",
-                    _num(r["amax"]), _num(r["min"]), _num(r["max"]), ch if r["kind"] == "weight" else "",
-                    _num(s), "" if z is None else z,
-                ])
-        write_text(tmp / "scales.csv", csv_text(header, rows))
-        artefacts.append(Artefact("scales.csv", "scale-table"))
-        failures = {t: dict(sorted(f.items())) for t, f in sorted(quantizer_failures.items()) if f}
-        if failures:
-            kept_float["quantizer_failed"] = failures
-        result = PtqResult(
-            run_dir, config.model.display_name, stats.samples, len(stats.tensors), len(stats.folded), engines,
-            fp32_latency, seconds, kept_float, notes, batch, said, transforms,
-        )
-        write_text(tmp / "summary.json", dumps_json(result.to_dict()))
-        artefacts.append(Artefact("summary.json", "summary"))
-        timing = {
-            "seconds": {k: round(v, 4) for k, v in seconds.items()},
-            "latency_ms_batch1": {"fp32": fp32_latency, **{e.path: e.latency_ms for e in engines if e.latency_ms}},
-            "latency_batch": batch,
-        }
-        write_text(tmp / "timing.json", dumps_json(timing))
-        artefacts.append(Artefact("timing.json", "timing"))
-        manifest = {
-            "quantlab": __version__,
-            "model": {"name": config.model.display_name, "source": reference_model.source.name, "sha256": reference_model.sha256,
-                      **({"transformed_sha256": prepared.sha256} if transforms else {})},
-            "transforms": [{"name": t.name, "applied": t.applied, "detail": t.detail} for t in transforms],
-            "calibration": {"samples": stats.samples, "calibrators": list(config.ptq.calibrators),
-                            "percentile": config.ptq.percentile, "targets": list(config.ptq.targets)},
-            "artefacts": [a.to_dict(tmp) for a in artefacts],
-        }
-        write_text(tmp / "manifest.json", dumps_json(manifest))
-    if config.ptq.report:
-        t0 = time.perf_counter()
-        write_report_files(run_dir)  # index.html, summary.md, report.json: views of the files above
-        seconds["report"] = time.perf_counter() - t0
-    return result
+            data = qmodel.SerializeToString()
+            out.write_bytes(data)
+    return qmodel, data
+
+
+def write_calibration_cache(path: Path, ranges: dict[str, Any], fills: list[str]) -> None:
+    """The legacy TensorRT calibration cache of TensorRT-target ranges (no INT8 range for fill values)."""
+    from quantlab.trtcache import format_calibration_cache
+
+    amaxes = {n: r.amax for n, r in ranges.items() if n not in fills}
+    write_text(path, format_calibration_cache(amaxes))
+
+
+def write_dynamic(run: RunFiles, config: Config, prepared: PreparedModel, kept: list[str], reference: Reference) -> None:
+    """The one ``ort-dynamic`` model (ONNX Runtime's ``quantize_dynamic``), checked like the others."""
+    import onnx
+
+    from quantlab.qdq.targets import DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, write_dynamic_model
+
+    rel = f"int8/{DYNAMIC_CALIBRATOR}.{DYNAMIC_TARGET}.onnx"
+    with stage("quantize", f"ONNX Runtime's quantize_dynamic for target {DYNAMIC_TARGET}",
+               "leave the node named there in float with [ptq] exclude = [\"<node>\"] in quantlab.toml"):
+        write_dynamic_model(prepared.path, run.folder / rel, exclude=kept)
+    data = (run.folder / rel).read_bytes()
+    run.add(rel, "model-int8-dynamic", DYNAMIC_CALIBRATOR, DYNAMIC_TARGET)
+    run.engines.append(_check_engine(
+        DYNAMIC_CALIBRATOR, DYNAMIC_TARGET, rel, run.folder, data, onnx.load_model_from_string(data), reference.outputs,
+        reference.feed, config, reference.batch,
+    ))
+
+
+def write_run_record(
+    run: RunFiles, config: Config, result: PtqResult, stats: StatsSet, reference_model: PreparedModel,
+    prepared: PreparedModel,
+) -> None:
+    """The last files of a run: ``summary.json``, ``timing.json`` and ``manifest.json`` (every file
+    listed with its digest)."""
+    tmp, transforms = run.folder, result.transforms
+    write_text(tmp / "summary.json", dumps_json(result.to_dict()))
+    run.add("summary.json", "summary")
+    timing = {
+        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+        "latency_ms_batch1": {"fp32": result.fp32_latency_ms, **{e.path: e.latency_ms for e in result.engines if e.latency_ms}},
+        "latency_batch": result.latency_batch,
+    }
+    write_text(tmp / "timing.json", dumps_json(timing))
+    run.add("timing.json", "timing")
+    manifest = {
+        "quantlab": __version__,
+        "model": {"name": config.model.display_name, "source": reference_model.source.name, "sha256": reference_model.sha256,
+                  **({"transformed_sha256": prepared.sha256} if transforms else {})},
+        "transforms": [{"name": t.name, "applied": t.applied, "detail": t.detail} for t in transforms],
+        "calibration": {"samples": stats.samples, "calibrators": list(config.ptq.calibrators),
+                        "percentile": config.ptq.percentile, "targets": list(config.ptq.targets)},
+        "artefacts": [a.to_dict(tmp) for a in run.artefacts],
+    }
+    write_text(tmp / "manifest.json", dumps_json(manifest))
 
 
 def _check_engine(
@@ -541,7 +651,3 @@ def config_dict(config: Config) -> dict[str, Any]:
         return value
 
     return plain({k: v for k, v in asdict(config).items() if k != "root"})
-
-
-def _num(v: float | None) -> str:
-    return "" if v is None else repr(float(v))

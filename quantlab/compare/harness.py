@@ -616,7 +616,8 @@ def analyse_layers(
 
 def write_results(result: CompareResult) -> None:
     """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest and report."""
-    from quantlab.artefacts import Artefact, update_manifest, write_report_files
+    from quantlab.artefacts import Artefact, update_manifest
+    from quantlab.report import write_report_files
 
     run = result.run_dir
     for name, payload in (("compare.json", result.to_dict()), ("latency.json", result.latency_dict())):

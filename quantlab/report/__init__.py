@@ -11,10 +11,11 @@ The notebooks in ``notebooks/`` and the HTML report use the same :class:`Run` ob
 
 from __future__ import annotations
 
-from quantlab.report.build import build_report, write_report
+from quantlab.report.build import REPORT_FILES, build_report, write_report, write_report_files
 from quantlab.report.run import Run, TensorQuality, Winner, calibrator_label, fake_quant_quality, load_run
 
 __all__ = [
+    "REPORT_FILES",
     "Run",
     "TensorQuality",
     "Winner",
@@ -23,4 +24,5 @@ __all__ = [
     "fake_quant_quality",
     "load_run",
     "write_report",
+    "write_report_files",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlab import __version__
-from quantlab.artefacts import dumps_json
+from quantlab.textio import dumps_json
 from quantlab.errors import check
 from quantlab.report.run import Run, _round, calibrator_label, load_run
 
@@ -321,3 +321,15 @@ def write_report(run_dir: str | os.PathLike[str], worst: int = WORST_DEFAULT) ->
 
 
 __all__ = ["build_report", "write_report"]
+
+
+REPORT_FILES = ("index.html", "summary.md", "report.json")
+
+
+def write_report_files(run: Path) -> None:
+    """The HTML/Markdown/JSON report of a run folder, listed in its manifest (without digests: they
+    show the date)."""
+    from quantlab.artefacts import Artefact, update_manifest
+
+    write_report(run)
+    update_manifest(run, [Artefact(name, "report") for name in REPORT_FILES])

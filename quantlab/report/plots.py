@@ -16,7 +16,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from quantlab.report.run import TensorQuality
+
+class TensorQuality(Protocol):
+    """What a plot reads of a threshold's effect on a tensor (:class:`quantlab.report.run.TensorQuality`
+    has it): the threshold, the fraction of elements it clips, the SQNR of the fake-quantized tensor."""
+
+    amax: float
+    clipped: float
+    sqnr_db: float | None
 
 # colour-blind safe (Okabe-Ito), one per calibrator; others cycle through the rest
 CALIBRATOR_COLOURS = {"minmax": "#0072B2", "percentile": "#E69F00", "entropy": "#D55E00", "mse": "#009E73",
