@@ -227,3 +227,44 @@ def test_the_transform_cache_key_follows_code_data_and_settings(tiny_model):
     assert key != _cache_key("abc", ["smoothquant"], [{"input": np.zeros((2, 3, 8, 8), np.float32)}], TransformConfig(), [])
     assert key != _cache_key("abd", ["smoothquant"], data, TransformConfig(), [])
     assert key != _cache_key("abc", ["smoothquant"], data, TransformConfig(), ["fc"])
+
+
+def test_stages_one_at_a_time(tiny_config, tmp_path):
+    """The stages run_ptq calls, each on its own: prepare, check, statistics, reference, kept-float plan,
+    one Q/DQ model, its check."""
+    import onnx
+
+    from quantlab.collect import ort_session
+    from quantlab.ptq import (
+        RunFiles, _check_engine, check_quantizable, kept_float_nodes, prepare, run_reference, statistics, write_qdq,
+    )
+    from quantlab.qdq.targets import TARGETS, compute_ranges
+
+    config = override(load_config(tiny_config), "ptq", exclude=("conv2",))
+    source, prepared = prepare(config)
+    assert source == config.resolve(config.model.onnx) and prepared.path.is_file()
+    fp32 = check_quantizable(config, prepared)
+    assert [n.name for n in fp32.graph.node] == [n.name for n in onnx.load(str(prepared.path)).graph.node]
+    with pytest.raises(QuantlabError, match=r"ptq.exclude names \['nope'\]"):
+        check_quantizable(override(config, "ptq", exclude=("nope",)), prepared)
+    stats = statistics(config, prepared, source, None)
+    assert stats.samples == 24 and stats.model_sha256 == prepared.sha256
+    assert statistics(config, prepared, source, stats) is stats
+    reference = run_reference(config, prepared, source)
+    feed = reference.feed["input"]
+    assert feed.shape == (5, 3, 8, 8) and reference.latency_ms is None  # latency_runs = 0
+    assert np.array_equal(reference.outputs, ort_session(str(prepared.path), level="all").run(None, reference.feed)[0])
+    kept = kept_float_nodes(config, fp32, stats, [])
+    assert kept == {"nodes": ["conv2"], "fill_value_tensors": [], "excluded_by_config": ["conv2"]}
+    ranges = compute_ranges(stats, get_calibrator("minmax"), TARGETS["tensorrt"])
+    rewrites, failed = {}, {}
+    run = RunFiles(tmp_path)
+    qmodel, data = write_qdq(tmp_path / "m.onnx", prepared, fp32, ranges, "tensorrt", kept["nodes"], rewrites, failed, plan=True)
+    assert (tmp_path / "m.onnx").read_bytes() == data and failed == {} and "tensorrt" in rewrites
+    conv2 = next(n for n in qmodel.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "w2"  # kept in float: its weight is not quantized
+    engine = _check_engine("minmax", "tensorrt", "m.onnx", run.folder, data, qmodel, reference.outputs, reference.feed,
+                           config, reference.batch)
+    ops = [n.op_type for n in qmodel.graph.node]
+    assert engine.ok and engine.tensorrt_rules == "pass" and engine.cosine > 0.99
+    assert (engine.quantize_nodes, engine.dequantize_nodes) == (ops.count("QuantizeLinear"), ops.count("DequantizeLinear"))
