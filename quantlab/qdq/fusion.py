@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 import onnx
 
-from quantlab.qdq.lint import LintIssue, LintIndex
+from quantlab.qdq.lintindex import LintIndex, LintIssue
 
 ADVICE: Mapping[str, str] = MappingProxyType({
     "residual-both-inputs": "a residual Add quantizes only its skip input, so it fuses into the convolution",
@@ -47,7 +47,7 @@ _ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 def fusion_advice(model: onnx.ModelProto) -> tuple[LintIssue, ...]:
     """Q/DQ placements of ``model`` that TensorRT will not fuse (see the module docstring), graph order.
 
-    Each is a :class:`~quantlab.qdq.lint.LintIssue` whose ``rule`` is a key of :data:`ADVICE`.
+    Each is a :class:`~quantlab.qdq.lintindex.LintIssue` whose ``rule`` is a key of :data:`ADVICE`.
     """
     graph = model.graph
     index = LintIndex(graph)

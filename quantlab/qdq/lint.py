@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from quantlab.graph import GraphIndex, load_model
+from quantlab.graph import load_model
+from quantlab.qdq.fusion import fusion_advice
+from quantlab.qdq.lintindex import LintIndex, LintIssue, int_attribute, node_input
 
 __all__ = ["RULES", "LintIssue", "LintReport", "lint_onnx_file", "lint_tensorrt"]
 
@@ -79,19 +80,6 @@ _INT8 = onnx.TensorProto.INT8
 _UINT8 = onnx.TensorProto.UINT8
 _INT32 = onnx.TensorProto.INT32
 _MIN_OPSET = 13
-
-
-@dataclass(frozen=True)
-class LintIssue:
-    """One broken rule: its id (a key of :data:`RULES`), where, and what to change."""
-
-    rule: str
-    node: str
-    tensor: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{self.rule}] {self.message}"
 
 
 @dataclass(frozen=True)
@@ -145,103 +133,21 @@ def _type_name(elem_type: int) -> str:
     return onnx.TensorProto.DataType.Name(elem_type)
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(onnx.helper.get_attribute_value(attr))
-    return default
-
-
-def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The value of a ``Constant`` node as a TensorProto, or None for sparse/string values."""
-    for attr in node.attribute:
-        if attr.name == "value":
-            return attr.t
-        if attr.name == "value_float":
-            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
-        if attr.name == "value_floats":
-            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
-        if attr.name == "value_int":
-            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
-        if attr.name == "value_ints":
-            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
-    return None
-
-
-class LintIndex(GraphIndex):
-    """Lint's look-ups over one graph: constants, labels and element types, on the shared producer and
-    consumer index (each read listed, as the rules report each one)."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        super().__init__(graph, each_read=True)
-        self.labels: dict[int, str] = {}
-        self.tensors: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.declared: dict[str, int] = {}
-        for value in [*graph.input, *graph.value_info, *graph.output]:
-            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-                self.declared.setdefault(value.name, value.type.tensor_type.elem_type)
-        for index, node in enumerate(graph.node):
-            self.labels[id(node)] = node.name or f"{node.op_type}[{index}]"
-            if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS and node.output:
-                tensor = _constant_node_tensor(node)
-                if tensor is not None:
-                    self.tensors.setdefault(node.output[0], tensor)
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def label(self, node: onnx.NodeProto) -> str:
-        return self.labels[id(node)]
-
-    def is_constant(self, name: str) -> bool:
-        return name in self.tensors
-
-    def array(self, name: str) -> np.ndarray | None:
-        if name not in self.tensors:
-            return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.tensors[name])
-        return self._arrays[name]
-
-    def dims(self, name: str) -> tuple[int, ...] | None:
-        tensor = self.tensors.get(name)
-        return None if tensor is None else tuple(tensor.dims)
-
-    def elem_type(self, name: str) -> int | None:
-        """The element type of ``name`` when it can be told without shape inference."""
-        if name in self.tensors:
-            return self.tensors[name].data_type
-        node = self.producer.get(name)
-        if node is not None and node.op_type == _Q and node.domain in _ONNX_DOMAINS:
-            return _q_output_type(self, node)
-        return self.declared.get(name)
-
-
-def _input(node: onnx.NodeProto, index: int) -> str:
-    return node.input[index] if len(node.input) > index else ""
-
-
-def _q_output_type(index: LintIndex, node: onnx.NodeProto) -> int | None:
-    """A Q outputs its zero-point's type, else ``output_dtype`` (opset 21), else UINT8."""
-    zero_point = _input(node, 2)
-    if zero_point:
-        return index.elem_type(zero_point)
-    return _attribute(node, "output_dtype", 0) or _UINT8
-
-
 def _weight_source(index: LintIndex, node: onnx.NodeProto) -> str | None:
     """The constant a Q/DQ quantizes: its own input, or the input of the Q before a DQ."""
-    x = _input(node, 0)
+    x = node_input(node, 0)
     if index.is_constant(x):
         return x
     producer = index.producer.get(x)
     if node.op_type == _DQ and producer is not None and producer.op_type == _Q:
-        before = _input(producer, 0)
+        before = node_input(producer, 0)
         if index.is_constant(before):
             return before
     return None
 
 
 def _normalized_axis(node: onnx.NodeProto, rank: int) -> int:
-    axis = _attribute(node, "axis", 1)
+    axis = int_attribute(node, "axis", 1)
     return axis + rank if axis < 0 else axis
 
 
@@ -253,7 +159,7 @@ def _expected_weight_axis(consumer: onnx.NodeProto, rank: int) -> int | None:
     if op == "ConvTranspose":
         return 1
     if op == "Gemm":
-        return 0 if _attribute(consumer, "transB", 0) else 1
+        return 0 if int_attribute(consumer, "transB", 0) else 1
     if op == "MatMul" and rank >= 2:
         return rank - 1
     return None
@@ -318,11 +224,11 @@ class _Linter:
         where = f"{node.op_type} '{label}'"
         if node.domain not in _ONNX_DOMAINS:
             self.report(
-                "qdq-domain", label, _input(node, 0),
+                "qdq-domain", label, node_input(node, 0),
                 f"{where} is from domain '{node.domain}', which TensorRT does not read; "
                 "quantize with the ONNX-domain ops (no UseQDQContribOps, INT8 types only)",
             )
-        x = _input(node, 0)
+        x = node_input(node, 0)
         if node.op_type == _DQ and self.index.is_constant(x) and self.index.elem_type(x) == _INT32:
             self.report(
                 "int32-bias", label, x,
@@ -348,7 +254,7 @@ class _Linter:
             self.check_q_consumers(node, label, where)
 
     def check_scale(self, node: onnx.NodeProto, label: str, where: str) -> np.ndarray | None:
-        name = _input(node, 1)
+        name = node_input(node, 1)
         scale = self.index.array(name)
         if scale is None:
             self.report(
@@ -375,11 +281,11 @@ class _Linter:
         return scale
 
     def check_zero_point(self, node: onnx.NodeProto, label: str, where: str) -> None:
-        name = _input(node, 2)
+        name = node_input(node, 2)
         fix = "quantize to signed INT8 with symmetric ranges (zero-point 0)"
         if not name:
             if node.op_type == _Q:
-                output_type = _attribute(node, "output_dtype", 0) or _UINT8
+                output_type = int_attribute(node, "output_dtype", 0) or _UINT8
                 if output_type != _INT8:
                     self.report(
                         "zero-point-type", label, node.output[0],
@@ -387,11 +293,11 @@ class _Linter:
                         "(the ONNX default is UINT8); add an INT8 zero-point initializer of 0",
                     )
             else:
-                x_type = self.index.elem_type(_input(node, 0))
+                x_type = self.index.elem_type(node_input(node, 0))
                 if x_type is not None and x_type != _INT8:
                     self.report(
-                        "zero-point-type", label, _input(node, 0),
-                        f"{where} reads {_type_name(x_type)} tensor '{_input(node, 0)}'; "
+                        "zero-point-type", label, node_input(node, 0),
+                        f"{where} reads {_type_name(x_type)} tensor '{node_input(node, 0)}'; "
                         f"TensorRT needs INT8: {fix}",
                     )
             return
@@ -424,7 +330,7 @@ class _Linter:
     ) -> None:
         if scale is None or scale.ndim != 1:
             return
-        name = _input(node, 1)
+        name = node_input(node, 1)
         if scale.size == 1:
             self.report(
                 "scale-shape", label, name,
@@ -434,7 +340,7 @@ class _Linter:
         else:
             self.report(
                 "activation-per-tensor", label, name,
-                f"activation '{_input(node, 0)}' is quantized per-channel by {where} "
+                f"activation '{node_input(node, 0)}' is quantized per-channel by {where} "
                 f"({scale.size} scales); TensorRT quantizes activations per-tensor: use one scalar "
                 "scale",
             )
@@ -449,7 +355,7 @@ class _Linter:
         axis = _normalized_axis(node, len(dims))
         if 0 <= axis < len(dims) and dims[axis] == 1:
             return False
-        name = _input(node, 1)
+        name = node_input(node, 1)
         channels = dims[axis] if 0 <= axis < len(dims) else "no"
         self.report(
             "scale-shape", label, name,
@@ -466,7 +372,7 @@ class _Linter:
         dims = self.index.dims(source) or ()
         output = node.output[0]
         for consumer in self.index.consumers.get(output, []):
-            if _input(consumer, 1) != output:
+            if node_input(consumer, 1) != output:
                 continue
             expected = _expected_weight_axis(consumer, len(dims))
             if expected is None or expected >= len(dims):
@@ -548,8 +454,6 @@ def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> LintReport
     (False, ('no-qdq',))
     """
     from dataclasses import replace
-
-    from quantlab.qdq.fusion import fusion_advice
 
     loaded = load_model(model)
     report = _Linter(loaded).run()
