@@ -375,7 +375,7 @@ def run_ptq(
 
 
 def _load(path: Path) -> Any:
-    from quantlab.graph import load_model
+    from quantlab.onnxgraph import load_model
 
     return load_model(path, "prepared")
 

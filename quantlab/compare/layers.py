@@ -58,8 +58,10 @@ from onnx import helper
 from quantlab.compare.metrics import SQNR_CAP_DB
 from quantlab.compare.metrics import sqnr_db_of_sums as sqnr_db
 from quantlab.errors import QuantlabError, check
-from quantlab.graph import ModelLike, check_topological, clone, consumers, copy_node, graph_inputs, load_model, node_key, renamed_initializer
-from quantlab.qdq.pair import QDQ_OPS, QdqPair, QuantizedLayer
+from quantlab.onnxgraph import (
+    ModelLike, check_topological, consumers, copy_node, graph_inputs, load_model, node_key, renamed_initializer,
+)
+from quantlab.qdq.pair import QdqPair, QuantizedLayer
 
 MEMORY_BYTES = 1 << 30  # default bound on the FP32 activations held at once by the analyses below
 

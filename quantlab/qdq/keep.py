@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from quantlab.errors import check
-from quantlab.graph import (
+from quantlab.onnxgraph import (
     ModelLike, check_topological, clone, copy_node, load_model, rename_tensor, renamed_initializer, stable_toposort,
 )
 from quantlab.qdq.pair import QDQ_OPS, QdqPair
@@ -25,8 +25,9 @@ from quantlab.qdq.pair import QDQ_OPS, QdqPair
 def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any]) -> onnx.ModelProto:
     """A copy of ``int8_model`` in which the named quantized layers compute in float.
 
-    ``nodes`` are layer names as :func:`quantlab.compare.layers.layer_errors` gives them (or its rows).  See the module docstring for
-    what changes; the result passes ``onnx.checker`` and loads in ONNX Runtime.
+    ``nodes`` are layer names (as :class:`~quantlab.qdq.pair.QdqPair` and
+    :func:`quantlab.compare.layers.layer_errors` list them), or rows with a ``node`` attribute.  See
+    the module docstring for what changes; the result passes ``onnx.checker`` and loads in ONNX Runtime.
     """
     pair = QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
     chosen = pair.find(list(nodes))

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantlab.graph import load_model
+from quantlab.onnxgraph import load_model
 from quantlab.qdq.fusion import fusion_advice
 from quantlab.qdq.lintindex import LintIndex, LintIssue, int_attribute, node_input
 

@@ -1,6 +1,6 @@
 """What the TensorRT Q/DQ lint and the fusion advice share: the issue they report and their index of
 one graph (constants, including ``Constant`` node outputs; node labels; element types told without
-shape inference), built on :class:`quantlab.graph.GraphIndex`."""
+shape inference), built on :class:`quantlab.onnxgraph.GraphIndex`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantlab.graph import GraphIndex
+from quantlab.onnxgraph import GraphIndex
 
 ONNX_DOMAINS = ("", "ai.onnx")
 

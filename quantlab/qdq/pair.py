@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 
 from quantlab.errors import check
-from quantlab.graph import graph_inputs, node_key, producers
+from quantlab.onnxgraph import graph_inputs, node_key, producers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 

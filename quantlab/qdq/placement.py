@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from quantlab.graph import GraphIndex
+from quantlab.onnxgraph import GraphIndex
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONVOLUTIONS = ("Conv", "ConvTranspose")

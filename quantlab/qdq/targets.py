@@ -45,7 +45,7 @@ import onnx
 
 from quantlab.calibrators import Calibrator, asymmetric_range
 from quantlab.errors import QuantlabError
-from quantlab.graph import GraphIndex, consumers, load_model
+from quantlab.onnxgraph import GraphIndex, consumers, load_model
 from quantlab.qdq.placement import Placement, plan_placement, release_float_inputs
 from quantlab.stats import StatsSet
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantlab.graph import GraphIndex
+from quantlab.onnxgraph import GraphIndex
 
 Feed = dict[str, np.ndarray]
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import quantlab.graph
+import quantlab.onnxgraph
 from quantlab.errors import QuantlabError
-from quantlab.graph import (
+from quantlab.onnxgraph import (
     GraphIndex, check_topological, consumers, copy_node, graph_inputs, load_model, node_key, producers, rename_tensor,
     stable_toposort,
 )
@@ -34,7 +34,7 @@ def _diamond() -> onnx.GraphProto:
 
 
 def test_docstring_example():
-    assert doctest.testmod(quantlab.graph).failed == 0
+    assert doctest.testmod(quantlab.onnxgraph).failed == 0
 
 
 def test_load_model_one_error_policy(tmp_path):

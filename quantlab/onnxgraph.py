@@ -161,7 +161,8 @@ def stable_toposort(nodes: Sequence[onnx.NodeProto], defined: set[str]) -> list[
             waiting[j] -= 1
             if waiting[j] == 0:
                 heapq.heappush(ready, j)
-    check(len(order) == len(nodes), "the graph has a cycle, so its nodes have no topological order: check the model with onnx.checker")
+    check(len(order) == len(nodes),
+          "the graph has a cycle, so its nodes have no topological order: check the model with onnx.checker")
     return [nodes[i] for i in order]
 
 
