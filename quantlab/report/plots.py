@@ -35,6 +35,7 @@ class TensorQuality(Protocol):
     clipped: float
     sqnr_db: float | None
 
+
 # colour-blind safe (Okabe-Ito), one per calibrator; others cycle through the rest
 CALIBRATOR_COLOURS = {"minmax": "#0072B2", "percentile": "#E69F00", "entropy": "#D55E00", "mse": "#009E73",
                       "entropy-trt": "#CC79A7", "entropy-modelopt": "#56B4E9"}
