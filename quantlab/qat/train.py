@@ -30,10 +30,11 @@ training batches, and weight quantizers take the per-channel max of the starting
 With labels, cross-entropy on the first output; without, distillation from the frozen FP32 network:
 the squared error of each output relative to the FP32 output's mean square (:func:`_distill`).  The
 model stays in eval mode: BatchNorm statistics and dropout are frozen (small QAT batches would
-corrupt the running statistics); weights, biases and normalization parameters train.  The ranges
-stay fixed: modelopt 0.47 learns no INT8 amax (``learn_amax`` is deprecated; its learned scales are
-NVFP4 only); the fake quantizers pass gradients straight through inside the range and zero them
-outside.  After each epoch ``evaluate`` scores an export; training stops once ``good_enough`` holds
+corrupt the running statistics); weights, biases and normalization parameters train.  By default
+the ranges stay fixed: modelopt 0.47 learns no INT8 amax (``learn_amax`` is deprecated; its learned
+scales are NVFP4 only); the fake quantizers pass gradients straight through inside the range and
+zero them outside.  With ``[qat] learn_ranges`` (``onnx`` source) the quantizers' steps train too,
+LSQ in the log domain (:mod:`quantlab.qat.ranges`), at their own learning rate ``range_lr``.  After each epoch ``evaluate`` scores an export; training stops once ``good_enough`` holds
 or after ``[qat] patience`` epochs without a better score (a plateau), and the best epoch's export
 is the one written.  Runs are seeded and deterministic on the CPU.
 
@@ -102,6 +103,8 @@ class QatResult:
         epoch_seconds: wall time of each epoch, its evaluation included.
         conversion: the ``onnx`` source's check of the converted FP32 graph against ONNX Runtime on
             the first training batch (``cosine``, ``max_abs``).
+        ranges: ``[qat] learn_ranges`` (``mode``) and, when ranges were learned, how far the steps
+            moved (:func:`quantlab.qat.ranges.range_summary`, taken after the last epoch).
     """
 
     path: Path
@@ -126,6 +129,7 @@ class QatResult:
     best_epoch: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
     conversion: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return not self.tensorrt_rules.startswith("fail")
@@ -455,6 +459,10 @@ def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train:
     calibrate_fallback(model, quant, (
         _tensors(_split(b)[0], names, device) for i, b in zip(range(config.qat.calib_batches), train)
     ))
+    if config.qat.learn_ranges != "off":
+        from quantlab.qat.ranges import learn_ranges
+
+        learn_ranges(model, quant, weights=config.qat.learn_ranges == "all")
 
     def export(example: list[Any], path: Path) -> None:
         proto = export_qdq(model, fp32, plan, quant)
@@ -471,9 +479,28 @@ def qat_source(config: Config) -> str:
     qc, mc = config.qat, config.model
     if qc.source == "pytorch" or (qc.source == "auto" and mc.pytorch):
         check(bool(mc.pytorch), "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'")
+        check(qc.learn_ranges == "off", f"qat.learn_ranges = '{qc.learn_ranges}' needs the onnx source: "
+              "set [qat] source = 'onnx' (or learn_ranges = 'off')")
         return "pytorch"
     check(bool(mc.onnx or mc.pytorch), "QAT needs a model: set [model] onnx or pytorch in quantlab.toml")
     return "onnx"
+
+
+def _optimizer(model: Any, qc: Any) -> Any:
+    """SGD with momentum or Adam over the trainable parameters: the weights at ``lr``, the learned
+    quantizer steps (``log s``, :mod:`quantlab.qat.ranges`) at ``range_lr``."""
+    import torch
+
+    from quantlab.qat.ranges import range_parameters
+
+    steps = range_parameters(model)
+    ids = {id(p) for p in steps}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids], "lr": qc.lr}]
+    if steps:
+        groups.append({"params": steps, "lr": qc.range_lr})
+    if qc.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=qc.lr)
+    return torch.optim.SGD(groups, lr=qc.lr, momentum=qc.momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +560,7 @@ def run_qat(
     from quantlab.compare.metrics import check_agreement
     from quantlab.model import prepare_model
     from quantlab.ptq import resolve_model
+    from quantlab.qat.ranges import range_summary
     from quantlab.qdq.lint import lint_tensorrt
 
     qc = config.qat
@@ -568,11 +596,7 @@ def run_qat(
         names = student.names
         seconds["quantize"] = time.perf_counter() - t0
 
-        params = [p for p in model_.parameters() if p.requires_grad]
-        if qc.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=qc.lr)
-        else:
-            optimizer = torch.optim.SGD(params, lr=qc.lr, momentum=qc.momentum)
+        optimizer = _optimizer(model_, qc)
         try:
             per_epoch = len(train)  # type: ignore[arg-type]
         except TypeError:
@@ -711,6 +735,7 @@ def run_qat(
         cosine=cosine, sqnr_db=sqnr, ir_version=proto.ir_version, seconds=seconds, source=student.source,
         stop=stop, best_epoch=(metrics.index(best[2]) + 1 if best is not None and best[2] in metrics else len(losses)),
         epoch_seconds=[round(v, 3) for v in epoch_seconds], conversion=student.conversion,
+        ranges={"mode": qc.learn_ranges, **(range_summary(model_) if qc.learn_ranges != "off" else {})},
     )
 
 
