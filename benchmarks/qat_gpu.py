@@ -1,4 +1,5 @@
-"""QAT on a GPU, measured: MiniLM-L6 and the PP-OCRv6 detector from a deliberately weak PTQ start.
+"""QAT on a GPU, measured: MiniLM-L6, the PP-OCRv6 detector and EfficientNet-Lite0 from a
+deliberately weak PTQ start, with fixed or learned ranges (``--learn-ranges``).
 
 Each case quantizes the bundled model with one calibrator for the ``tensorrt`` target (PTQ: the
 start), then runs ``quantlab qat``'s library call on the run folder: the prepared FP32 ONNX
@@ -12,17 +13,26 @@ Training data (``--data``):
 * ``calib``: the model's calibration folder (MiniLM 256 sentences, detector 16 tiles);
 * ``more``: MiniLM: the calibration sentences plus every other prose sentence of Python's language
   reference (``pydoc_data.topics``, the standard library) that is not in the evaluation set;
-  detector: the 16 calibration tiles and their mirror images (left-right, up-down, both: 64 tiles).
+  detector and EfficientNet-Lite0: the calibration images and their mirror images (left-right,
+  up-down, both: 64 tiles, 76 photographs).
   Distillation needs no labels, only inputs like the deployment's, so more unlabelled text or
   mirrored text is enough; the evaluation data stays disjoint from it.
 
     python benchmarks/qat_gpu.py --model minilm --calibrator minmax --epochs 30 --device cuda
-    python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more
+    python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more \
+        --primary iou --tolerance '{"iou": {"min": 0.95}}' --learn-ranges activations
+    python benchmarks/qat_gpu.py --model lite0 --calibrator minmax --data more --primary top1_agreement \
+        --tolerance '{}' --eval DIR
+
+``--tolerance`` replaces the config's ``[tolerance]`` (JSON; ``{}``: train until the plateau);
+``--primary`` the metric that picks the best epoch; ``--eval`` the evaluation folder (and the
+agreement set), for a machine without the package that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -35,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from quantlab.config import load_config, override  # noqa: E402
 
-CONFIGS = {"minilm": "quantlab/models/minilm/quantlab.toml", "detector": "quantlab/models/ppocr-det/quantlab.toml"}
+CONFIGS = {"minilm": "quantlab/models/minilm/quantlab.toml", "detector": "quantlab/models/ppocr-det/quantlab.toml",
+           "lite0": "quantlab.toml"}
 
 
 def _sentences(text: str) -> list[str]:
@@ -71,8 +82,8 @@ def minilm_extra(folder: Path, config) -> int:
     return len(lines)
 
 
-def detector_mirrored(folder: Path, config) -> int:
-    """The calibration tiles and their mirror images, as PNG (no second JPEG loss)."""
+def images_mirrored(folder: Path, config) -> int:
+    """The calibration images and their mirror images, as PNG (no second JPEG loss)."""
     from PIL import Image, ImageOps
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,6 +110,12 @@ def main() -> int:
     ap.add_argument("--source", choices=["onnx", "pytorch"], default="onnx")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    ap.add_argument("--learn-ranges", choices=["off", "activations", "all"], default="off")
+    ap.add_argument("--range-lr", type=float, default=1e-3, help="learning rate of the learned steps (log s)")
+    ap.add_argument("--primary", help="the metric that picks the best epoch (default: the config's)")
+    ap.add_argument("--tolerance", help="JSON replacing [tolerance] ('{}': no early stop at a tolerance)")
+    ap.add_argument("--eval", help="evaluation folder (and agreement set), replacing the config's")
     ap.add_argument("--work", help="folder for the run (default: a temporary folder)")
     ap.add_argument("--out", help="write the JSON summary here")
     args = ap.parse_args()
@@ -112,17 +129,23 @@ def main() -> int:
     if args.onnx:
         config = override(config, "model", onnx=str(Path(args.onnx).resolve()))
     config = override(config, "ptq", calibrators=(args.calibrator,), targets=("tensorrt",), out=str(work),
-                      run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.optimizer}-{args.lr:g}",
+                      run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.lr:g}-{args.learn_ranges}-{args.range_lr:g}",
                       report=False, latency_runs=0)
-    config = override(config, "compare", latency_runs=0, layers=False)
+    config = override(config, "compare", latency_runs=0, layers=False, primary=args.primary)
+    if args.eval:
+        folder = str(Path(args.eval).resolve())
+        config = override(config, "compare", eval=folder, extra=folder if config.compare.extra else None)
+    if args.tolerance is not None:
+        config = dataclasses.replace(config, tolerance=json.loads(args.tolerance))
     data = None
     if args.data == "more":
         folder = work / "train-data"
-        n = minilm_extra(folder, config) if args.model == "minilm" else detector_mirrored(folder, config)
+        n = minilm_extra(folder, config) if args.model == "minilm" else images_mirrored(folder, config)
         print(f"training data: {n} samples in {folder}", flush=True)
         data = str(folder)
     config = override(config, "qat", epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, patience=args.patience,
-                      batch_size=args.batch_size, device=args.device, source=args.source, data=data)
+                      batch_size=args.batch_size, device=args.device, source=args.source, data=data,
+                      learn_ranges=args.learn_ranges, range_lr=args.range_lr, max_steps=args.max_steps)
     t0 = time.perf_counter()
     ptq = run_ptq(config)
     ptq_seconds = time.perf_counter() - t0
@@ -147,6 +170,9 @@ def main() -> int:
         "tolerance_ok": result.final.tolerance_ok, "stop": result.qat.stop, "steps": result.qat.steps,
         "train_step_ms": round(result.qat.seconds.get("train_step", 0.0) * 1000, 1),
         "tensorrt_rules": result.qat.tensorrt_rules, "conversion": result.qat.conversion,
+        "learn_ranges": args.learn_ranges, "range_lr": args.range_lr, "ranges": result.qat.ranges,
+        "per_epoch": result.per_epoch, "fp32": result.reference,
+        "start_metrics": None if result.start is None else result.start.metrics,
         "qat_minutes": round(qat_minutes, 2), "ptq_seconds": round(ptq_seconds, 1),
         "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
     }

@@ -10,7 +10,8 @@ evaluation harness as ``quantlab compare`` (FP32 outputs on the evaluation set, 
 
 * ``int8/qat.tensorrt.onnx``: the best epoch's Q/DQ model, listed in ``manifest.json`` as engine
   ``int8:qat.tensorrt`` so ``quantlab compare`` and ``quantlab report`` take it up;
-* ``qat.json``: the start and per-epoch metrics, losses, times, the stop reason, the checks.
+* ``qat.json``: the start and per-epoch metrics (the primary one, and every metric of each epoch
+  under ``per_epoch``), losses, the stop reason, the learned ranges' movement, the checks.
 
 Nothing is written until the checks that need no training have passed (device, statistics,
 calibrator, training data), and the model and ``qat.json`` are each written atomically.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ class QatRunResult:
     final: EngineResult
     qat: Any  # QatResult
     seconds: float
+    per_epoch: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def tolerance_ok(self) -> bool | None:
@@ -67,7 +69,7 @@ class QatRunResult:
             "final": {"engine": ENGINE, "value": self.final.metrics.get(self.primary),
                       "tolerance_ok": self.final.tolerance_ok,
                       "failures": [f.explain() for f in self.final.failures]},
-            "ok": bool(self), "qat": q,
+            "ok": bool(self), "qat": q, "per_epoch": self.per_epoch,
         }
 
     def timing(self) -> dict[str, Any]:
@@ -85,6 +87,10 @@ class QatRunResult:
             f"  {q.steps} steps in {sum(q.epoch_seconds) / 60:.1f} min, {q.seconds.get('train_step', 0) * 1000:.0f} ms/step; "
             f"stopped: {q.stop}; quantizers {q.mapped} of {q.quantizers} from quantlab's ranges; TensorRT rules: {q.tensorrt_rules}",
         ]
+        if q.ranges.get("learned"):
+            r = q.ranges
+            lines.append(f"  learned ranges ({r['mode']}): {r['learned']} quantizers, step / start: median "
+                         f"{r['median_ratio']:.3f}, from {r['min_ratio']:.3f} to {r['max_ratio']:.3f}")
         if self.final.tolerance_ok is None:
             lines.append("no [tolerance] to judge by")
         elif self.final.tolerance_ok:
@@ -172,8 +178,9 @@ def qat_run(
         higher_is_better=higher_is_better(primary), on_epoch=on_epoch,
     )
     final = ev.evaluate(EngineSpec(ENGINE, "int8", MODEL, "qat", "tensorrt"))
+    per_epoch = [{k: v for k, v in e.metrics.items() if isinstance(v, (int, float))} for e in history]
     result = QatRunResult(run, name, primary, ev.fp32.metrics.get(primary), start, final, qat,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, per_epoch)
     timing_path = run / "timing.json"
     timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
     timing["qat"] = result.timing()

@@ -53,7 +53,8 @@ def test_qat_below_the_tolerance_exit_1(capsys, tiny_run):
     assert not json.loads((run / "qat.json").read_text())["ok"]
 
 
-@pytest.mark.parametrize("case", ["cuda", "no-stats", "bad-data", "bad-calibrator", "bad-epochs"])
+@pytest.mark.parametrize("case", ["cuda", "no-stats", "bad-data", "bad-calibrator", "bad-epochs", "unsupported-op",
+                                  "bad-learn-ranges"])
 def test_bad_input_exit_2_one_line_nothing_written(capsys, tiny_run, tmp_path, case):
     run, config = tiny_run
     args = ["qat", "--config", str(config), "--run", str(run)]
@@ -73,6 +74,16 @@ def test_bad_input_exit_2_one_line_nothing_written(capsys, tiny_run, tmp_path, c
         np.save(folder / "a.npy", np.zeros((2, 3, 5, 5), np.float32))
         _set(config, "qat", f'data = "{folder}"')
         expected = "a.npy"
+    elif case == "unsupported-op":  # the FP32 graph holds an op the ONNX-to-PyTorch converter lacks
+        import onnx
+
+        model = onnx.load(str(run / "model_fp32.onnx"))
+        next(n for n in model.graph.node if n.op_type == "Relu").op_type = "Celu"
+        onnx.save(model, str(run / "model_fp32.onnx"))
+        expected = "op(s) Celu not supported"
+    elif case == "bad-learn-ranges":
+        _set(config, "qat", 'learn_ranges = "weights"')
+        expected = "unknown qat.learn_ranges 'weights'"
     elif case == "bad-calibrator":
         args += ["--calibrator", "kl"]
         expected = "unknown calibrator 'kl'"
