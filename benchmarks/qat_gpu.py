@@ -20,11 +20,13 @@ Training data (``--data``):
 
     python benchmarks/qat_gpu.py --model minilm --calibrator minmax --epochs 30 --device cuda
     python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more \
-        --primary iou --tolerance '{"iou": {"min": 0.95}}' --learn-ranges activations
+        --task dense --primary iou --tolerance '{"iou": {"min": 0.95}}' --learn-ranges activations --range-lr 1e-2
     python benchmarks/qat_gpu.py --model lite0 --calibrator minmax --data more --primary top1_agreement \
         --tolerance '{}' --eval DIR
 
 ``--tolerance`` replaces the config's ``[tolerance]`` (JSON; ``{}``: train until the plateau);
+``--task dense`` scores the detector's thresholded probability map alone (pixel IoU), for a machine
+without rapidocr;
 ``--primary`` the metric that picks the best epoch; ``--eval`` the evaluation folder (and the
 agreement set), for a machine without the package that holds it.
 """
@@ -112,10 +114,12 @@ def main() -> int:
     ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     ap.add_argument("--learn-ranges", choices=["off", "activations", "all"], default="off")
-    ap.add_argument("--range-lr", type=float, default=1e-3, help="learning rate of the learned steps (log s)")
+    ap.add_argument("--range-lr", type=float, default=1e-2, help="learning rate of the learned steps (log s)")
     ap.add_argument("--primary", help="the metric that picks the best epoch (default: the config's)")
     ap.add_argument("--tolerance", help="JSON replacing [tolerance] ('{}': no early stop at a tolerance)")
     ap.add_argument("--eval", help="evaluation folder (and agreement set), replacing the config's")
+    ap.add_argument("--task", help="replaces [compare] task (detector: 'dense' scores the probability map alone, "
+                    "without rapidocr's box post-processing)")
     ap.add_argument("--work", help="folder for the run (default: a temporary folder)")
     ap.add_argument("--out", help="write the JSON summary here")
     args = ap.parse_args()
@@ -131,7 +135,7 @@ def main() -> int:
     config = override(config, "ptq", calibrators=(args.calibrator,), targets=("tensorrt",), out=str(work),
                       run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.lr:g}-{args.learn_ranges}-{args.range_lr:g}",
                       report=False, latency_runs=0)
-    config = override(config, "compare", latency_runs=0, layers=False, primary=args.primary)
+    config = override(config, "compare", latency_runs=0, layers=False, primary=args.primary, task=args.task)
     if args.eval:
         folder = str(Path(args.eval).resolve())
         config = override(config, "compare", eval=folder, extra=folder if config.compare.extra else None)

@@ -341,7 +341,7 @@ class QatConfig:
     optimizer: str = "sgd"
     patience: int = 3
     learn_ranges: str = "off"
-    range_lr: float = 1e-3
+    range_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"qat.epochs must be >= 1, got {self.epochs}")

@@ -19,7 +19,7 @@ learns ``log2`` thresholds): one learning rate then means the same *relative* ch
 0.001 (a LayerNorm output) and of 0.5 (attention scores), and ``s`` can never become zero or
 negative.  By the chain rule ``dL/dt = s * g * dL/ds``.  Under Adam, the optimizer QAT uses on the
 GPU, the update of ``t`` is about ``range_lr`` per step whatever the gradient's scale, so
-``[qat] range_lr = 1e-3`` moves a step by about 0.1% per optimizer step at most.
+``[qat] range_lr = 1e-2`` (the default) moves a step by about 1% per optimizer step at most.
 
 Rounding is half to even in both ``torch.round`` and ONNX ``QuantizeLinear``, so the exported
 Q/DQ model computes what the fake quantizer computed.  Worked example: ``s = 0.02``,
