@@ -129,28 +129,13 @@ def qat_run(
     on_epoch: Callable[[Any], None] | None = None,
 ) -> QatRunResult:
     """QAT of the run folder ``run_dir`` (default: the config's); see the module docstring."""
-    from quantlab.calibrators import get_calibrator
     from quantlab.compare.tolerance import evaluate as judge
-    from quantlab.model import input_specs
-    from quantlab.qat.train import _resolve_device, activation_amax, qat_source, run_qat, training_data
-    from quantlab.stats import StatsSet
+    from quantlab.qat.train import qat_source, run_qat
 
     t0 = time.perf_counter()
     run = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    _resolve_device(config.qat.device)  # no GPU for --device cuda: say so before anything loads
-    read_manifest(run)
-    check((run / "stats.npz").is_file(),
-          f"run folder '{run}' has no stats.npz: QAT starts from a PTQ run's statistics; run quantlab ptq first")
-    fp32 = run / "model_fp32.onnx"
-    check(fp32.is_file(), f"run folder '{run}' has no model_fp32.onnx: run quantlab ptq again")
-    name = calibrator or default_calibrator(config, run)
-    check(name in CALIBRATOR_NAMES, f"unknown calibrator '{name}': choose one of {', '.join(CALIBRATOR_NAMES)}")
+    name, train, amax = _checked_inputs(config, run, calibrator)
     source = qat_source(config)
-    train = training_data(config, input_specs(fp32))
-    first = next(iter(train), None)  # reads (and checks) the first batch before anything is written
-    check(first is not None, "the QAT training data is empty: point [qat] data (or [data] calib) at a folder with samples")
-    stats = StatsSet.load(run / "stats.npz")
-    amax = activation_amax(stats, get_calibrator(name, percentile=config.ptq.percentile))
     placement = run / "int8" / f"{name}.tensorrt.onnx"
 
     ev = evaluator or Evaluator(config, run)
@@ -174,13 +159,45 @@ def qat_run(
 
     qat = run_qat(
         config, amax=amax, out=run / MODEL, train=train, evaluate=evaluate, good_enough=good_enough, progress=progress,
-        model=fp32, placement=placement if (source == "onnx" and placement.is_file()) else None,
+        model=run / "model_fp32.onnx", placement=placement if (source == "onnx" and placement.is_file()) else None,
         higher_is_better=higher_is_better(primary), on_epoch=on_epoch,
     )
     final = ev.evaluate(EngineSpec(ENGINE, "int8", MODEL, "qat", "tensorrt"))
     per_epoch = [{k: v for k, v in e.metrics.items() if isinstance(v, (int, float))} for e in history]
     result = QatRunResult(run, name, primary, ev.fp32.metrics.get(primary), start, final, qat,
                           time.perf_counter() - t0, per_epoch)
+    _write_records(run, result)
+    return result
+
+
+def _checked_inputs(config: Config, run: Path, calibrator: str | None) -> tuple[str, Any, dict[str, float]]:
+    """The checks that need no training, before anything is written: the device, the run folder's
+    statistics and FP32 model, the calibrator, the first training batch.  Returns the calibrator,
+    the training batches and the calibrator's ranges (amax by tensor)."""
+    from quantlab.calibrators import get_calibrator
+    from quantlab.model import input_specs
+    from quantlab.qat.train import _resolve_device, activation_amax, qat_source, training_data
+    from quantlab.stats import StatsSet
+
+    _resolve_device(config.qat.device)  # no GPU for --device cuda: say so before anything loads
+    read_manifest(run)
+    check((run / "stats.npz").is_file(),
+          f"run folder '{run}' has no stats.npz: QAT starts from a PTQ run's statistics; run quantlab ptq first")
+    fp32 = run / "model_fp32.onnx"
+    check(fp32.is_file(), f"run folder '{run}' has no model_fp32.onnx: run quantlab ptq again")
+    name = calibrator or default_calibrator(config, run)
+    check(name in CALIBRATOR_NAMES, f"unknown calibrator '{name}': choose one of {', '.join(CALIBRATOR_NAMES)}")
+    qat_source(config)
+    train = training_data(config, input_specs(fp32))
+    first = next(iter(train), None)  # reads (and checks) the first batch before anything is written
+    check(first is not None, "the QAT training data is empty: point [qat] data (or [data] calib) at a folder with samples")
+    stats = StatsSet.load(run / "stats.npz")
+    amax = activation_amax(stats, get_calibrator(name, percentile=config.ptq.percentile))
+    return name, train, amax
+
+
+def _write_records(run: Path, result: QatRunResult) -> None:
+    """``qat.json`` and the ``qat`` entry of ``timing.json``, each written atomically, and the manifest."""
     timing_path = run / "timing.json"
     timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
     timing["qat"] = result.timing()
@@ -190,7 +207,6 @@ def qat_run(
         tmp.replace(run / file)
     update_manifest(run, [Artefact(MODEL, "model-int8-qdq", "qat", "tensorrt"), Artefact("qat.json", "qat"),
                           Artefact("timing.json", "timing")])
-    return result
 
 
 __all__ = ["ENGINE", "MODEL", "QatRunResult", "default_calibrator", "qat_run"]
