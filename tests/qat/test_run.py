@@ -41,6 +41,12 @@ def test_qat_meets_the_tolerance_exit_0(capsys, tiny_run):
     assert main(["compare", "--config", str(config), "--run", str(run), "--latency-runs", "0", "--no-layers"]) in (0, 1)
     engines = [e["name"] for e in json.loads((run / "compare.json").read_text())["engines"]]
     assert "int8:qat.tensorrt" in engines
+    # the report draws the per-epoch curve from qat.json
+    assert main(["report", "--run", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["qat"]["metrics"] == record["qat"]["metrics"] and report["qat"]["best_epoch"] == 1
+    assert report["qat"]["start"] == record["start"]["value"]
+    assert 'id="qat-curve"' in (run / "index.html").read_text() and "## QAT:" in (run / "summary.md").read_text()
 
 
 def test_qat_below_the_tolerance_exit_1(capsys, tiny_run):
