@@ -14,7 +14,9 @@ Training data (``--data``):
 * ``more``: MiniLM: the calibration sentences plus every other prose sentence of Python's language
   reference (``pydoc_data.topics``, the standard library) that is not in the evaluation set;
   detector and EfficientNet-Lite0: the calibration images and their mirror images (left-right,
-  up-down, both: 64 tiles, 76 photographs).
+  up-down, both: 64 tiles, 76 photographs);
+* ``dihedral``: images only: those four and their transposes (the 8 symmetries of the square: 128
+  tiles, 152 photographs).
   Distillation needs no labels, only inputs like the deployment's, so more unlabelled text or
   mirrored text is enough; the evaluation data stays disjoint from it.
 
@@ -84,16 +86,21 @@ def minilm_extra(folder: Path, config) -> int:
     return len(lines)
 
 
-def images_mirrored(folder: Path, config) -> int:
-    """The calibration images and their mirror images, as PNG (no second JPEG loss)."""
+def images_mirrored(folder: Path, config, transposed: bool = False) -> int:
+    """The calibration images and their mirror images, as PNG (no second JPEG loss); with
+    ``transposed`` also the transposes of those four (the 8 symmetries of the square: 90-degree turns
+    included)."""
     from PIL import Image, ImageOps
 
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for f in sorted(config.resolve(config.data.calib).glob("*.jpg")):
         img = Image.open(f).convert("RGB")
-        for tag, im in (("", img), ("-lr", ImageOps.mirror(img)), ("-ud", ImageOps.flip(img)),
-                        ("-rot", ImageOps.flip(ImageOps.mirror(img)))):
+        four = (("", img), ("-lr", ImageOps.mirror(img)), ("-ud", ImageOps.flip(img)),
+                ("-rot", ImageOps.flip(ImageOps.mirror(img))))
+        if transposed:
+            four += tuple((f"{tag}-t", im.transpose(Image.Transpose.TRANSPOSE)) for tag, im in four)
+        for tag, im in four:
             im.save(folder / f"{f.stem}{tag}.png")
             n += 1
     return n
@@ -108,7 +115,7 @@ def main() -> int:
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--data", choices=["calib", "more"], default="calib")
+    ap.add_argument("--data", choices=["calib", "more", "dihedral"], default="calib")
     ap.add_argument("--source", choices=["onnx", "pytorch"], default="onnx")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
@@ -142,9 +149,12 @@ def main() -> int:
     if args.tolerance is not None:
         config = dataclasses.replace(config, tolerance=json.loads(args.tolerance))
     data = None
-    if args.data == "more":
+    if args.data in ("more", "dihedral"):
         folder = work / "train-data"
-        n = minilm_extra(folder, config) if args.model == "minilm" else images_mirrored(folder, config)
+        if args.model == "minilm":
+            n = minilm_extra(folder, config)
+        else:
+            n = images_mirrored(folder, config, transposed=args.data == "dihedral")
         print(f"training data: {n} samples in {folder}", flush=True)
         data = str(folder)
     config = override(config, "qat", epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, patience=args.patience,
