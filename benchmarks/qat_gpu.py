@@ -1,4 +1,5 @@
-"""QAT on a GPU, measured: MiniLM-L6 and the PP-OCRv6 detector from a deliberately weak PTQ start.
+"""QAT on a GPU, measured: MiniLM-L6, the PP-OCRv6 detector and EfficientNet-Lite0 from a
+deliberately weak PTQ start, with fixed or learned ranges (``--learn-ranges``).
 
 Each case quantizes the bundled model with one calibrator for the ``tensorrt`` target (PTQ: the
 start), then runs ``quantlab qat``'s library call on the run folder: the prepared FP32 ONNX
@@ -12,17 +13,30 @@ Training data (``--data``):
 * ``calib``: the model's calibration folder (MiniLM 256 sentences, detector 16 tiles);
 * ``more``: MiniLM: the calibration sentences plus every other prose sentence of Python's language
   reference (``pydoc_data.topics``, the standard library) that is not in the evaluation set;
-  detector: the 16 calibration tiles and their mirror images (left-right, up-down, both: 64 tiles).
+  detector and EfficientNet-Lite0: the calibration images and their mirror images (left-right,
+  up-down, both: 64 tiles, 76 photographs);
+* ``dihedral``: images only: those four and their transposes (the 8 symmetries of the square: 128
+  tiles, 152 photographs).
   Distillation needs no labels, only inputs like the deployment's, so more unlabelled text or
   mirrored text is enough; the evaluation data stays disjoint from it.
 
     python benchmarks/qat_gpu.py --model minilm --calibrator minmax --epochs 30 --device cuda
-    python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more
+    python benchmarks/qat_gpu.py --model detector --calibrator minmax --epochs 40 --data more \
+        --task dense --primary iou --tolerance '{"iou": {"min": 0.95}}' --learn-ranges activations --range-lr 1e-2
+    python benchmarks/qat_gpu.py --model lite0 --calibrator minmax --data more --primary top1_agreement \
+        --tolerance '{}' --eval DIR
+
+``--tolerance`` replaces the config's ``[tolerance]`` (JSON; ``{}``: train until the plateau);
+``--task dense`` scores the detector's thresholded probability map alone (pixel IoU), for a machine
+without rapidocr;
+``--primary`` the metric that picks the best epoch; ``--eval`` the evaluation folder (and the
+agreement set), for a machine without the package that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -35,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from quantlab.config import load_config, override  # noqa: E402
 
-CONFIGS = {"minilm": "quantlab/models/minilm/quantlab.toml", "detector": "quantlab/models/ppocr-det/quantlab.toml"}
+CONFIGS = {"minilm": "quantlab/models/minilm/quantlab.toml", "detector": "quantlab/models/ppocr-det/quantlab.toml",
+           "lite0": "quantlab.toml"}
 
 
 def _sentences(text: str) -> list[str]:
@@ -71,16 +86,21 @@ def minilm_extra(folder: Path, config) -> int:
     return len(lines)
 
 
-def detector_mirrored(folder: Path, config) -> int:
-    """The calibration tiles and their mirror images, as PNG (no second JPEG loss)."""
+def images_mirrored(folder: Path, config, transposed: bool = False) -> int:
+    """The calibration images and their mirror images, as PNG (no second JPEG loss); with
+    ``transposed`` also the transposes of those four (the 8 symmetries of the square: 90-degree turns
+    included)."""
     from PIL import Image, ImageOps
 
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for f in sorted(config.resolve(config.data.calib).glob("*.jpg")):
         img = Image.open(f).convert("RGB")
-        for tag, im in (("", img), ("-lr", ImageOps.mirror(img)), ("-ud", ImageOps.flip(img)),
-                        ("-rot", ImageOps.flip(ImageOps.mirror(img)))):
+        four = (("", img), ("-lr", ImageOps.mirror(img)), ("-ud", ImageOps.flip(img)),
+                ("-rot", ImageOps.flip(ImageOps.mirror(img))))
+        if transposed:
+            four += tuple((f"{tag}-t", im.transpose(Image.Transpose.TRANSPOSE)) for tag, im in four)
+        for tag, im in four:
             im.save(folder / f"{f.stem}{tag}.png")
             n += 1
     return n
@@ -95,10 +115,18 @@ def main() -> int:
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--data", choices=["calib", "more"], default="calib")
+    ap.add_argument("--data", choices=["calib", "more", "dihedral"], default="calib")
     ap.add_argument("--source", choices=["onnx", "pytorch"], default="onnx")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    ap.add_argument("--learn-ranges", choices=["off", "activations", "all"], default="off")
+    ap.add_argument("--range-lr", type=float, default=1e-2, help="learning rate of the learned steps (log s)")
+    ap.add_argument("--primary", help="the metric that picks the best epoch (default: the config's)")
+    ap.add_argument("--tolerance", help="JSON replacing [tolerance] ('{}': no early stop at a tolerance)")
+    ap.add_argument("--eval", help="evaluation folder (and agreement set), replacing the config's")
+    ap.add_argument("--task", help="replaces [compare] task (detector: 'dense' scores the probability map alone, "
+                    "without rapidocr's box post-processing)")
     ap.add_argument("--work", help="folder for the run (default: a temporary folder)")
     ap.add_argument("--out", help="write the JSON summary here")
     args = ap.parse_args()
@@ -112,17 +140,26 @@ def main() -> int:
     if args.onnx:
         config = override(config, "model", onnx=str(Path(args.onnx).resolve()))
     config = override(config, "ptq", calibrators=(args.calibrator,), targets=("tensorrt",), out=str(work),
-                      run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.optimizer}-{args.lr:g}",
+                      run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.lr:g}-{args.learn_ranges}-{args.range_lr:g}",
                       report=False, latency_runs=0)
-    config = override(config, "compare", latency_runs=0, layers=False)
+    config = override(config, "compare", latency_runs=0, layers=False, primary=args.primary, task=args.task)
+    if args.eval:
+        folder = str(Path(args.eval).resolve())
+        config = override(config, "compare", eval=folder, extra=folder if config.compare.extra else None)
+    if args.tolerance is not None:
+        config = dataclasses.replace(config, tolerance=json.loads(args.tolerance))
     data = None
-    if args.data == "more":
+    if args.data in ("more", "dihedral"):
         folder = work / "train-data"
-        n = minilm_extra(folder, config) if args.model == "minilm" else detector_mirrored(folder, config)
+        if args.model == "minilm":
+            n = minilm_extra(folder, config)
+        else:
+            n = images_mirrored(folder, config, transposed=args.data == "dihedral")
         print(f"training data: {n} samples in {folder}", flush=True)
         data = str(folder)
     config = override(config, "qat", epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, patience=args.patience,
-                      batch_size=args.batch_size, device=args.device, source=args.source, data=data)
+                      batch_size=args.batch_size, device=args.device, source=args.source, data=data,
+                      learn_ranges=args.learn_ranges, range_lr=args.range_lr, max_steps=args.max_steps)
     t0 = time.perf_counter()
     ptq = run_ptq(config)
     ptq_seconds = time.perf_counter() - t0
@@ -147,6 +184,9 @@ def main() -> int:
         "tolerance_ok": result.final.tolerance_ok, "stop": result.qat.stop, "steps": result.qat.steps,
         "train_step_ms": round(result.qat.seconds.get("train_step", 0.0) * 1000, 1),
         "tensorrt_rules": result.qat.tensorrt_rules, "conversion": result.qat.conversion,
+        "learn_ranges": args.learn_ranges, "range_lr": args.range_lr, "ranges": result.qat.ranges,
+        "per_epoch": result.per_epoch, "fp32": result.reference,
+        "start_metrics": None if result.start is None else result.start.metrics,
         "qat_minutes": round(qat_minutes, 2), "ptq_seconds": round(ptq_seconds, 1),
         "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
     }

@@ -160,7 +160,8 @@ def _epoch_line(report) -> None:
 def cmd_qat(args: argparse.Namespace) -> int:
     from quantlab.qat.run import qat_run
 
-    config = override(_config(args), "qat", epochs=args.epochs, device=args.device, source=args.source, lr=args.lr)
+    config = override(_config(args), "qat", epochs=args.epochs, device=args.device, source=args.source, lr=args.lr,
+                      learn_ranges=args.learn_ranges)
     if args.calibrator is not None:
         check(args.calibrator in CALIBRATOR_NAMES,
               f"unknown calibrator '{args.calibrator}': choose one of {', '.join(CALIBRATOR_NAMES)}")
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the best tensorrt engine of compare.json, else the first configured)")
     p.add_argument("--source", choices=["auto", "pytorch", "onnx"], help="train the PyTorch model or the converted ONNX graph")
     p.add_argument("--lr", type=float, help="learning rate at the start of the cosine schedule (default: [qat] lr)")
+    p.add_argument("--learn-ranges", choices=["off", "activations", "all"],
+                   help="train the quantizers' ranges too (LSQ; onnx source; default: [qat] learn_ranges)")
     p.set_defaults(func=cmd_qat, model=None)
     p = sub.add_parser("gate", help="CI accuracy gate: tolerance and baseline; exit 0 pass, 1 fail, 2 user error")
     p.add_argument("--config", help="quantlab.toml (default: ./quantlab.toml when present)")

@@ -321,7 +321,10 @@ class QatConfig:
     modules), ``onnx`` (the prepared FP32 ONNX converted to PyTorch, quantizers where quantlab's
     ``tensorrt`` model has Q/DQ) or ``auto`` (``pytorch`` when the config names a factory).
     ``optimizer``: ``sgd`` (with ``momentum``) or ``adam``.  ``patience``: stop after that many
-    evaluated epochs without a better metric (0: never; a plateau).
+    evaluated epochs without a better metric (0: never; a plateau).  ``learn_ranges``: ``off``
+    (ranges fixed at quantlab's calibration), ``activations`` or ``all`` (weights too): the
+    quantizers' steps train (LSQ, :mod:`quantlab.qat.ranges`; ``onnx`` source only) at the learning
+    rate ``range_lr`` on ``log s``.
     """
 
     epochs: int = 1
@@ -337,6 +340,8 @@ class QatConfig:
     source: str = "auto"
     optimizer: str = "sgd"
     patience: int = 3
+    learn_ranges: str = "off"
+    range_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"qat.epochs must be >= 1, got {self.epochs}")
@@ -350,6 +355,8 @@ class QatConfig:
         _one_of(self.source, ("auto", "pytorch", "onnx"), "qat.source")
         _one_of(self.optimizer, ("sgd", "adam"), "qat.optimizer")
         check(self.patience >= 0, f"qat.patience must be >= 0 (0: no plateau stop), got {self.patience}")
+        _one_of(self.learn_ranges, ("off", "activations", "all"), "qat.learn_ranges")
+        check(self.range_lr > 0, f"qat.range_lr must be > 0, got {self.range_lr}")
 
 
 @dataclass(frozen=True)

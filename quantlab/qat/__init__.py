@@ -4,6 +4,7 @@
   Q/DQ export, for a PyTorch model or for the prepared ONNX graph converted to PyTorch;
 * :mod:`quantlab.qat.convert`: an ONNX graph as a trainable ``torch.nn.Module``;
 * :mod:`quantlab.qat.graph`: quantizer placement on a converted graph and its Q/DQ export;
+* :mod:`quantlab.qat.ranges`: learned quantization ranges (LSQ steps in the log domain);
 * :mod:`quantlab.qat.run`: QAT of a PTQ run folder (``quantlab qat``, ``tune``'s QAT rung).
 """
 

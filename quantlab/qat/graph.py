@@ -254,6 +254,21 @@ def _amax(q: Any) -> np.ndarray:
     return np.maximum(value, np.float32(1e-8))  # a zero range must never give scale 0
 
 
+def _scale(q: Any) -> np.ndarray:
+    """The Q/DQ scale of a weight quantizer: ``amax / 127``, or a learned quantizer's own step (the
+    very float32 value its fake quantization used, see :mod:`quantlab.qat.ranges`)."""
+    if hasattr(q, "log_step"):
+        return q.step.detach().float().cpu().numpy()
+    return (_amax(q) / 127.0).astype(np.float32)
+
+
+def _activation_scale(q: Any) -> np.float32:
+    """The per-tensor Q/DQ scale of an activation quantizer (``amax / 127`` rounded once to float32)."""
+    if hasattr(q, "log_step"):
+        return np.float32(_scale(q).reshape(-1)[0])
+    return np.float32(float(_amax(q).reshape(-1)[0]) / 127.0)
+
+
 def export_qdq(module: OnnxModule, fp32: onnx.ModelProto, plan: QdqPlan, quantizers: Quantizers) -> onnx.ModelProto:
     """The prepared FP32 graph with ``module``'s trained weights and its quantizers as Q/DQ nodes."""
     model = onnx.ModelProto()
@@ -272,9 +287,8 @@ def export_qdq(module: OnnxModule, fp32: onnx.ModelProto, plan: QdqPlan, quantiz
     for name, qname in quantizers.weights.items():
         q = module.quantizers[qname]
         w = module.initializer(name).detach().float().cpu().numpy()
-        amax = _amax(q)
         axis = next(a for e, (n, a) in plan.weights.items() if n == name)
-        scale = (amax / 127.0).astype(np.float32)
+        scale = _scale(q)
         ints = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         if axis is None:
             scale_arr, zp = scale.reshape(()), zero
@@ -292,7 +306,7 @@ def export_qdq(module: OnnxModule, fp32: onnx.ModelProto, plan: QdqPlan, quantiz
     a_out: dict[str, str] = {}
     a_nodes: dict[str, list[onnx.NodeProto]] = {}
     for tensor, qname in quantizers.activations.items():
-        scale = np.float32(float(_amax(module.quantizers[qname]).reshape(-1)[0]) / 127.0)
+        scale = _activation_scale(module.quantizers[qname])
         new_inits += [numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{tensor}_scale"),
                       numpy_helper.from_array(zero, f"{tensor}_zero_point")]
         qo, a_out[tensor] = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"

@@ -10,7 +10,8 @@ evaluation harness as ``quantlab compare`` (FP32 outputs on the evaluation set, 
 
 * ``int8/qat.tensorrt.onnx``: the best epoch's Q/DQ model, listed in ``manifest.json`` as engine
   ``int8:qat.tensorrt`` so ``quantlab compare`` and ``quantlab report`` take it up;
-* ``qat.json``: the start and per-epoch metrics, losses, times, the stop reason, the checks.
+* ``qat.json``: the start and per-epoch metrics (the primary one, and every metric of each epoch
+  under ``per_epoch``), losses, the stop reason, the learned ranges' movement, the checks.
 
 Nothing is written until the checks that need no training have passed (device, statistics,
 calibrator, training data), and the model and ``qat.json`` are each written atomically.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ class QatRunResult:
     final: EngineResult
     qat: Any  # QatResult
     seconds: float
+    per_epoch: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def tolerance_ok(self) -> bool | None:
@@ -67,7 +69,7 @@ class QatRunResult:
             "final": {"engine": ENGINE, "value": self.final.metrics.get(self.primary),
                       "tolerance_ok": self.final.tolerance_ok,
                       "failures": [f.explain() for f in self.final.failures]},
-            "ok": bool(self), "qat": q,
+            "ok": bool(self), "qat": q, "per_epoch": self.per_epoch,
         }
 
     def timing(self) -> dict[str, Any]:
@@ -85,6 +87,13 @@ class QatRunResult:
             f"  {q.steps} steps in {sum(q.epoch_seconds) / 60:.1f} min, {q.seconds.get('train_step', 0) * 1000:.0f} ms/step; "
             f"stopped: {q.stop}; quantizers {q.mapped} of {q.quantizers} from quantlab's ranges; TensorRT rules: {q.tensorrt_rules}",
         ]
+        if q.ranges.get("learned"):
+            r = q.ranges
+            lines.append(f"  learned ranges ({r['mode']}): {r['learned']} quantizers, step / start: median "
+                         f"{r['median_ratio']:.3f}, from {r['min_ratio']:.3f} to {r['max_ratio']:.3f}")
+        if q.device == "cpu":
+            lines.append(f"  on the CPU: {q.seconds.get('train_step', 0.0):.1f} s per step; one H200 ran the bundled "
+                         "models' steps in 0.07-0.3 s (README, QAT measured on the GPU): use --device cuda there")
         if self.final.tolerance_ok is None:
             lines.append("no [tolerance] to judge by")
         elif self.final.tolerance_ok:
@@ -123,28 +132,13 @@ def qat_run(
     on_epoch: Callable[[Any], None] | None = None,
 ) -> QatRunResult:
     """QAT of the run folder ``run_dir`` (default: the config's); see the module docstring."""
-    from quantlab.calibrators import get_calibrator
     from quantlab.compare.tolerance import evaluate as judge
-    from quantlab.model import input_specs
-    from quantlab.qat.train import _resolve_device, activation_amax, qat_source, run_qat, training_data
-    from quantlab.stats import StatsSet
+    from quantlab.qat.train import qat_source, run_qat
 
     t0 = time.perf_counter()
     run = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    _resolve_device(config.qat.device)  # no GPU for --device cuda: say so before anything loads
-    read_manifest(run)
-    check((run / "stats.npz").is_file(),
-          f"run folder '{run}' has no stats.npz: QAT starts from a PTQ run's statistics; run quantlab ptq first")
-    fp32 = run / "model_fp32.onnx"
-    check(fp32.is_file(), f"run folder '{run}' has no model_fp32.onnx: run quantlab ptq again")
-    name = calibrator or default_calibrator(config, run)
-    check(name in CALIBRATOR_NAMES, f"unknown calibrator '{name}': choose one of {', '.join(CALIBRATOR_NAMES)}")
+    name, train, amax = _checked_inputs(config, run, calibrator)
     source = qat_source(config)
-    train = training_data(config, input_specs(fp32))
-    first = next(iter(train), None)  # reads (and checks) the first batch before anything is written
-    check(first is not None, "the QAT training data is empty: point [qat] data (or [data] calib) at a folder with samples")
-    stats = StatsSet.load(run / "stats.npz")
-    amax = activation_amax(stats, get_calibrator(name, percentile=config.ptq.percentile))
     placement = run / "int8" / f"{name}.tensorrt.onnx"
 
     ev = evaluator or Evaluator(config, run)
@@ -168,12 +162,45 @@ def qat_run(
 
     qat = run_qat(
         config, amax=amax, out=run / MODEL, train=train, evaluate=evaluate, good_enough=good_enough, progress=progress,
-        model=fp32, placement=placement if (source == "onnx" and placement.is_file()) else None,
+        model=run / "model_fp32.onnx", placement=placement if (source == "onnx" and placement.is_file()) else None,
         higher_is_better=higher_is_better(primary), on_epoch=on_epoch,
     )
     final = ev.evaluate(EngineSpec(ENGINE, "int8", MODEL, "qat", "tensorrt"))
+    per_epoch = [{k: v for k, v in e.metrics.items() if isinstance(v, (int, float))} for e in history]
     result = QatRunResult(run, name, primary, ev.fp32.metrics.get(primary), start, final, qat,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, per_epoch)
+    _write_records(run, result)
+    return result
+
+
+def _checked_inputs(config: Config, run: Path, calibrator: str | None) -> tuple[str, Any, dict[str, float]]:
+    """The checks that need no training, before anything is written: the device, the run folder's
+    statistics and FP32 model, the calibrator, the first training batch.  Returns the calibrator,
+    the training batches and the calibrator's ranges (amax by tensor)."""
+    from quantlab.calibrators import get_calibrator
+    from quantlab.model import input_specs
+    from quantlab.qat.train import _resolve_device, activation_amax, qat_source, training_data
+    from quantlab.stats import StatsSet
+
+    _resolve_device(config.qat.device)  # no GPU for --device cuda: say so before anything loads
+    read_manifest(run)
+    check((run / "stats.npz").is_file(),
+          f"run folder '{run}' has no stats.npz: QAT starts from a PTQ run's statistics; run quantlab ptq first")
+    fp32 = run / "model_fp32.onnx"
+    check(fp32.is_file(), f"run folder '{run}' has no model_fp32.onnx: run quantlab ptq again")
+    name = calibrator or default_calibrator(config, run)
+    check(name in CALIBRATOR_NAMES, f"unknown calibrator '{name}': choose one of {', '.join(CALIBRATOR_NAMES)}")
+    qat_source(config)
+    train = training_data(config, input_specs(fp32))
+    first = next(iter(train), None)  # reads (and checks) the first batch before anything is written
+    check(first is not None, "the QAT training data is empty: point [qat] data (or [data] calib) at a folder with samples")
+    stats = StatsSet.load(run / "stats.npz")
+    amax = activation_amax(stats, get_calibrator(name, percentile=config.ptq.percentile))
+    return name, train, amax
+
+
+def _write_records(run: Path, result: QatRunResult) -> None:
+    """``qat.json`` and the ``qat`` entry of ``timing.json``, each written atomically, and the manifest."""
     timing_path = run / "timing.json"
     timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
     timing["qat"] = result.timing()
@@ -183,7 +210,6 @@ def qat_run(
         tmp.replace(run / file)
     update_manifest(run, [Artefact(MODEL, "model-int8-qdq", "qat", "tensorrt"), Artefact("qat.json", "qat"),
                           Artefact("timing.json", "timing")])
-    return result
 
 
 __all__ = ["ENGINE", "MODEL", "QatRunResult", "default_calibrator", "qat_run"]

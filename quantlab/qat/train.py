@@ -30,10 +30,11 @@ training batches, and weight quantizers take the per-channel max of the starting
 With labels, cross-entropy on the first output; without, distillation from the frozen FP32 network:
 the squared error of each output relative to the FP32 output's mean square (:func:`_distill`).  The
 model stays in eval mode: BatchNorm statistics and dropout are frozen (small QAT batches would
-corrupt the running statistics); weights, biases and normalization parameters train.  The ranges
-stay fixed: modelopt 0.47 learns no INT8 amax (``learn_amax`` is deprecated; its learned scales are
-NVFP4 only); the fake quantizers pass gradients straight through inside the range and zero them
-outside.  After each epoch ``evaluate`` scores an export; training stops once ``good_enough`` holds
+corrupt the running statistics); weights, biases and normalization parameters train.  By default
+the ranges stay fixed: modelopt 0.47 learns no INT8 amax (``learn_amax`` is deprecated; its learned
+scales are NVFP4 only); the fake quantizers pass gradients straight through inside the range and
+zero them outside.  With ``[qat] learn_ranges`` (``onnx`` source) the quantizers' steps train too,
+LSQ in the log domain (:mod:`quantlab.qat.ranges`), at their own learning rate ``range_lr``.  After each epoch ``evaluate`` scores an export; training stops once ``good_enough`` holds
 or after ``[qat] patience`` epochs without a better score (a plateau), and the best epoch's export
 is the one written.  Runs are seeded and deterministic on the CPU.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -102,6 +104,8 @@ class QatResult:
         epoch_seconds: wall time of each epoch, its evaluation included.
         conversion: the ``onnx`` source's check of the converted FP32 graph against ONNX Runtime on
             the first training batch (``cosine``, ``max_abs``).
+        ranges: ``[qat] learn_ranges`` (``mode``) and, when ranges were learned, how far the steps
+            moved (:func:`quantlab.qat.ranges.range_summary`, taken after the last epoch).
     """
 
     path: Path
@@ -126,6 +130,7 @@ class QatResult:
     best_epoch: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
     conversion: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return not self.tensorrt_rules.startswith("fail")
@@ -455,6 +460,10 @@ def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train:
     calibrate_fallback(model, quant, (
         _tensors(_split(b)[0], names, device) for i, b in zip(range(config.qat.calib_batches), train)
     ))
+    if config.qat.learn_ranges != "off":
+        from quantlab.qat.ranges import learn_ranges
+
+        learn_ranges(model, quant, weights=config.qat.learn_ranges == "all")
 
     def export(example: list[Any], path: Path) -> None:
         proto = export_qdq(model, fp32, plan, quant)
@@ -471,9 +480,28 @@ def qat_source(config: Config) -> str:
     qc, mc = config.qat, config.model
     if qc.source == "pytorch" or (qc.source == "auto" and mc.pytorch):
         check(bool(mc.pytorch), "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'")
+        check(qc.learn_ranges == "off", f"qat.learn_ranges = '{qc.learn_ranges}' needs the onnx source: "
+              "set [qat] source = 'onnx' (or learn_ranges = 'off')")
         return "pytorch"
     check(bool(mc.onnx or mc.pytorch), "QAT needs a model: set [model] onnx or pytorch in quantlab.toml")
     return "onnx"
+
+
+def _optimizer(model: Any, qc: Any) -> Any:
+    """SGD with momentum or Adam over the trainable parameters: the weights at ``lr``, the learned
+    quantizer steps (``log s``, :mod:`quantlab.qat.ranges`) at ``range_lr``."""
+    import torch
+
+    from quantlab.qat.ranges import range_parameters
+
+    steps = range_parameters(model)
+    ids = {id(p) for p in steps}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids], "lr": qc.lr}]
+    if steps:
+        groups.append({"params": steps, "lr": qc.range_lr})
+    if qc.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=qc.lr)
+    return torch.optim.SGD(groups, lr=qc.lr, momentum=qc.momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,32 +557,13 @@ def run_qat(
     source = qat_source(config)
     import torch
 
-    from quantlab.collect import ort_session
-    from quantlab.compare.metrics import check_agreement
-    from quantlab.model import prepare_model
-    from quantlab.ptq import resolve_model
-    from quantlab.qdq.lint import lint_tensorrt
-
     qc = config.qat
     seconds: dict[str, float] = {}
     device = _resolve_device(qc.device)
     t0 = time.perf_counter()
-    if source == "onnx":
-        model_path = Path(model) if model is not None else prepare_model(resolve_model(config), config.model.input_shapes).path
-    if train is None:
-        from quantlab.model import input_specs
-
-        specs = input_specs(model_path) if source == "onnx" else prepare_model(resolve_model(config), config.model.input_shapes).inputs
-        train = training_data(config, specs)
+    model_path, train = _inputs(config, source, model, train)
     seconds["prepare"] = time.perf_counter() - t0
-    first = next(iter(train), None)
-    check(first is not None, "the QAT training data is empty: give at least one batch")
-    first_feed, first_labels = _split(first)
-    loss_kind = qc.loss if qc.loss != "auto" else ("labels" if first_labels is not None else "distill")
-    check(
-        loss_kind != "labels" or first_labels is not None,
-        "qat.loss = 'labels' but the training batches carry no labels: pass (feed, labels) pairs or use 'distill'",
-    )
+    first_feed, loss_kind = _first_batch(train, qc.loss)
     out = Path(out)
 
     with torch.random.fork_rng(devices=[]):
@@ -564,154 +573,265 @@ def run_qat(
             student = _onnx_student(config, amax, device, train, model_path, placement)
         else:
             student = _pytorch_student(config, amax, device, train, loss_kind == "distill")
-        model_ = student.model
-        names = student.names
         seconds["quantize"] = time.perf_counter() - t0
-
-        params = [p for p in model_.parameters() if p.requires_grad]
-        if qc.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=qc.lr)
-        else:
-            optimizer = torch.optim.SGD(params, lr=qc.lr, momentum=qc.momentum)
-        try:
-            per_epoch = len(train)  # type: ignore[arg-type]
-        except TypeError:
-            per_epoch = 0
-        total = per_epoch * qc.epochs
-        if qc.max_steps:
-            total = min(total, qc.max_steps) if total else qc.max_steps
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if total else None
-
-        best: tuple[Path, int, float] | None = None  # the best export, the step it was taken at, its metric
-        losses: list[float] = []
-        metrics: list[float] = []
-        epoch_seconds: list[float] = []
-        steps = 0
-        stop = "epochs"
-        since_best = 0
-        train_seconds = 0.0
         out.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # beside out: os.replace is atomic
         try:
-            for epoch in range(qc.epochs):
-                if qc.max_steps and steps >= qc.max_steps:
-                    stop = "max_steps"
-                    break
-                t_epoch = time.perf_counter()
-                left = qc.max_steps - steps if qc.max_steps else 0
-                n_bar = min(per_epoch, left) if (per_epoch and left) else (per_epoch or left)
-                bar = progress(n_bar) if progress else None
-                if bar is not None and hasattr(bar, "set_description"):
-                    bar.set_description(f"QAT epoch {epoch + 1}/{qc.epochs}")
-                epoch_losses = []
-                try:
-                    for batch in train:
-                        if qc.max_steps and steps >= qc.max_steps:
-                            break
-                        t = time.perf_counter()
-                        feed, labels = _split(batch)
-                        inputs = _tensors(feed, names, device)
-                        outputs = model_(*inputs)
-                        if loss_kind == "labels":
-                            check(labels is not None, "a training batch has no labels while others have: give every batch labels")
-                            target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-                            loss = torch.nn.functional.cross_entropy(_first_output(outputs), target)
-                        else:
-                            with torch.no_grad():
-                                reference = _outputs(student.teacher(*inputs))
-                            loss = sum(_distill(o, r) for o, r in zip(_outputs(outputs), reference))
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        if schedule is not None:
-                            schedule.step()
-                        steps += 1
-                        epoch_losses.append(float(loss.detach()))
-                        train_seconds += time.perf_counter() - t
-                        if bar is not None:
-                            bar.update(1)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                check(epoch_losses or steps, "the QAT training data yielded no batch: pass a list or a reader, not a used-up iterator")
-                if not epoch_losses:
-                    break
-                losses.append(float(np.mean(epoch_losses)))
-                improved = False
-                if evaluate is not None:
-                    t = time.perf_counter()
-                    candidate = tmpdir / f"epoch{epoch + 1}.onnx"
-                    student.export(_tensors(first_feed, names, device), candidate)
-                    metrics.append(float(evaluate(candidate)))
-                    seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - t
-                    m = metrics[-1]
-                    improved = best is None or (not np.isnan(m) and (np.isnan(best[2]) or (m > best[2] if higher_is_better else m < best[2])))
-                    if improved:
-                        if best is not None:
-                            best[0].unlink(missing_ok=True)
-                        best = (candidate, steps, m)
-                        since_best = 0
-                    else:
-                        candidate.unlink(missing_ok=True)
-                        since_best += 1
-                epoch_seconds.append(time.perf_counter() - t_epoch)
-                if on_epoch is not None:
-                    on_epoch(EpochReport(epoch + 1, qc.epochs, losses[-1], metrics[-1] if metrics else None, improved,
-                                         epoch_seconds[-1]))
-                if evaluate is not None and good_enough is not None and good_enough(metrics[-1]):
-                    stop = "tolerance"
-                    break
-                if evaluate is not None and qc.patience and since_best >= qc.patience:
-                    stop = "plateau"
-                    break
-            else:
-                if qc.max_steps and steps >= qc.max_steps:
-                    stop = "max_steps"
-            seconds["train"] = train_seconds
-            seconds["train_step"] = train_seconds / steps if steps else 0.0
-
+            loop = _Loop(student, _optimizer(student.model, qc), qc, train, loss_kind, device)
+            best = _train(loop, first_feed, tmpdir, evaluate, good_enough, progress, higher_is_better, on_epoch)
+            seconds["train"] = loop.train_seconds
+            seconds["train_step"] = loop.train_seconds / loop.steps if loop.steps else 0.0
+            if loop.evaluate_seconds:
+                seconds["evaluate"] = loop.evaluate_seconds
             t0 = time.perf_counter()
-            example = _tensors(first_feed, names, device)
-            with torch.no_grad():
-                reference = _first_output(model_(*example))  # for the exported model's check below
-                fp32_out = _first_output(student.teacher(*example)).detach().cpu().numpy()
-            if best is not None:
-                staged = best[0]  # the best evaluated epoch: ship that very file
-            else:
-                staged = tmpdir / "model.onnx"
-                student.export(example, staged)
-            proto = onnx.load(str(staged))
-            onnx.checker.check_model(proto)
-            session = ort_session(str(staged), level="all")
-            feed = {n: np.ascontiguousarray(first_feed[n]) for n in names}
-            ort_out = session.run(None, feed)[0]
-            cosine, sqnr = check_agreement(fp32_out, ort_out)
-            fq_cos, _ = check_agreement(reference.detach().cpu().numpy(), ort_out)
-            # ONNX Runtime's integer kernels round differently from float fake quantization; on a
-            # transformer the two agree to about 0.98 cosine, so only a gross mismatch is an error
-            # (an earlier epoch's export, when it scored best, differs from the last weights too)
-            check(
-                best is not None or fq_cos > 0.95,
-                f"the exported model disagrees with the fake-quantized PyTorch model (cosine {fq_cos:.4f}): "
-                "the Q/DQ export is broken for this model; report it with the model",
-            )
-            report = lint_tensorrt(proto)
-            rules = "pass" if report else "fail: " + ", ".join(report.rules)
-            os.replace(staged, out)
+            checked = _check_and_write(student, best.path if best is not None else None, first_feed, device, tmpdir, out)
             seconds["export"] = time.perf_counter() - t0
         finally:
-            import shutil
-
             shutil.rmtree(tmpdir, ignore_errors=True)
 
+    from quantlab.qat.ranges import range_summary
+
     return QatResult(
-        path=out, device=device, loss=loss_kind, epochs=len(losses), steps=steps, losses=losses,
-        metrics=metrics, stopped_early=stop in ("tolerance", "plateau"), quantizers=student.quantizers,
-        mapped=student.mapped, fallback=student.fallback, tensorrt_rules=rules, lint=report.to_dict(),
-        cosine=cosine, sqnr_db=sqnr, ir_version=proto.ir_version, seconds=seconds, source=student.source,
-        stop=stop, best_epoch=(metrics.index(best[2]) + 1 if best is not None and best[2] in metrics else len(losses)),
-        epoch_seconds=[round(v, 3) for v in epoch_seconds], conversion=student.conversion,
+        path=out, device=device, loss=loss_kind, epochs=len(loop.losses), steps=loop.steps, losses=loop.losses,
+        metrics=loop.metrics, stopped_early=loop.stop in ("tolerance", "plateau"), quantizers=student.quantizers,
+        mapped=student.mapped, fallback=student.fallback, tensorrt_rules=checked.rules, lint=checked.lint,
+        cosine=checked.cosine, sqnr_db=checked.sqnr_db, ir_version=checked.ir_version, seconds=seconds,
+        source=student.source, stop=loop.stop,
+        best_epoch=best.epoch if best is not None else len(loop.losses),
+        epoch_seconds=[round(v, 3) for v in loop.epoch_seconds], conversion=student.conversion,
+        ranges={"mode": qc.learn_ranges, **(range_summary(student.model) if qc.learn_ranges != "off" else {})},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the stages of run_qat
+
+
+def _inputs(config: Config, source: str, model: str | Path | None,
+            train: Iterable[Batch] | None) -> tuple[Path | None, Iterable[Batch]]:
+    """The prepared FP32 ONNX the ``onnx`` source trains (None for ``pytorch``) and the training batches."""
+    from quantlab.model import input_specs, prepare_model
+    from quantlab.ptq import resolve_model
+
+    model_path = None
+    if source == "onnx":
+        model_path = Path(model) if model is not None else prepare_model(resolve_model(config), config.model.input_shapes).path
+    if train is None:
+        specs = input_specs(model_path) if model_path is not None else prepare_model(resolve_model(config), config.model.input_shapes).inputs
+        train = training_data(config, specs)
+    return model_path, train
+
+
+def _first_batch(train: Iterable[Batch], loss: str) -> tuple[Feed, str]:
+    """The first training feed (for the export checks) and the loss: ``labels`` or ``distill``."""
+    first = next(iter(train), None)
+    check(first is not None, "the QAT training data is empty: give at least one batch")
+    first_feed, first_labels = _split(first)
+    loss_kind = loss if loss != "auto" else ("labels" if first_labels is not None else "distill")
+    check(
+        loss_kind != "labels" or first_labels is not None,
+        "qat.loss = 'labels' but the training batches carry no labels: pass (feed, labels) pairs or use 'distill'",
+    )
+    return first_feed, loss_kind
+
+
+@dataclass
+class _Loop:
+    """The training state: the student, its optimizer and schedule, and what each epoch recorded."""
+
+    student: _Student
+    optimizer: Any
+    qc: Any
+    train: Iterable[Batch]
+    loss_kind: str
+    device: str
+    steps: int = 0
+    stop: str = "epochs"
+    losses: list[float] = field(default_factory=list)
+    metrics: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    evaluate_seconds: float = 0.0
+    per_epoch: int = 0
+    schedule: Any = None
+
+    def __post_init__(self) -> None:
+        import torch
+
+        try:
+            self.per_epoch = len(self.train)  # type: ignore[arg-type]
+        except TypeError:
+            self.per_epoch = 0
+        total = self.per_epoch * self.qc.epochs
+        if self.qc.max_steps:
+            total = min(total, self.qc.max_steps) if total else self.qc.max_steps
+        if total:
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total, 1))
+
+    def out_of_steps(self) -> bool:
+        return bool(self.qc.max_steps) and self.steps >= self.qc.max_steps
+
+    def loss(self, inputs: list[Any], labels: np.ndarray | None) -> Any:
+        """Cross-entropy against ``labels``, or the distillation loss against the frozen FP32 teacher."""
+        import torch
+
+        outputs = self.student.model(*inputs)
+        if self.loss_kind == "labels":
+            check(labels is not None, "a training batch has no labels while others have: give every batch labels")
+            target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+            return torch.nn.functional.cross_entropy(_first_output(outputs), target)
+        with torch.no_grad():
+            reference = _outputs(self.student.teacher(*inputs))
+        return sum(_distill(o, r) for o, r in zip(_outputs(outputs), reference))
+
+    def epoch(self, bar: Any) -> list[float]:
+        """One pass over the training batches (up to ``max_steps``); the loss of each step."""
+        losses = []
+        for batch in self.train:
+            if self.out_of_steps():
+                break
+            t = time.perf_counter()
+            feed, labels = _split(batch)
+            loss = self.loss(_tensors(feed, self.student.names, self.device), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.schedule is not None:
+                self.schedule.step()
+            self.steps += 1
+            losses.append(float(loss.detach()))
+            self.train_seconds += time.perf_counter() - t
+            if bar is not None:
+                bar.update(1)
+        return losses
+
+
+@dataclass
+class _Best:
+    """The best evaluated epoch so far: its export, its epoch number and metric."""
+
+    path: Path
+    epoch: int
+    metric: float
+
+
+def _better(m: float, best: _Best | None, higher_is_better: bool) -> bool:
+    """Whether metric ``m`` beats the best so far (NaN never does, anything beats a NaN best)."""
+    if best is None:
+        return True
+    if np.isnan(m):
+        return False
+    return bool(np.isnan(best.metric) or (m > best.metric if higher_is_better else m < best.metric))
+
+
+def _train(loop: _Loop, first_feed: Feed, tmpdir: Path, evaluate: Callable[[Path], float] | None,
+           good_enough: Callable[[float], bool] | None, progress: ProgressFactory | None, higher_is_better: bool,
+           on_epoch: Callable[[EpochReport], None] | None) -> _Best | None:
+    """The epochs: train, export and score each, keep the best export, stop at the tolerance
+    (``good_enough``), on a plateau (``patience`` epochs without a better metric) or out of steps."""
+    qc, student = loop.qc, loop.student
+    best: _Best | None = None
+    since_best = 0
+    for epoch in range(qc.epochs):
+        if loop.out_of_steps():
+            loop.stop = "max_steps"
+            break
+        t_epoch = time.perf_counter()
+        left = qc.max_steps - loop.steps if qc.max_steps else 0
+        n_bar = min(loop.per_epoch, left) if (loop.per_epoch and left) else (loop.per_epoch or left)
+        bar = progress(n_bar) if progress else None
+        if bar is not None and hasattr(bar, "set_description"):
+            bar.set_description(f"QAT epoch {epoch + 1}/{qc.epochs}")
+        try:
+            epoch_losses = loop.epoch(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        check(epoch_losses or loop.steps, "the QAT training data yielded no batch: pass a list or a reader, not a used-up iterator")
+        if not epoch_losses:
+            break
+        loop.losses.append(float(np.mean(epoch_losses)))
+        improved = False
+        if evaluate is not None:
+            t = time.perf_counter()
+            candidate = tmpdir / f"epoch{epoch + 1}.onnx"
+            student.export(_tensors(first_feed, student.names, loop.device), candidate)
+            loop.metrics.append(float(evaluate(candidate)))
+            loop.evaluate_seconds += time.perf_counter() - t
+            improved = _better(loop.metrics[-1], best, higher_is_better)
+            if improved:
+                if best is not None:
+                    best.path.unlink(missing_ok=True)
+                best = _Best(candidate, epoch + 1, loop.metrics[-1])
+                since_best = 0
+            else:
+                candidate.unlink(missing_ok=True)
+                since_best += 1
+        loop.epoch_seconds.append(time.perf_counter() - t_epoch)
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch + 1, qc.epochs, loop.losses[-1], loop.metrics[-1] if loop.metrics else None,
+                                 improved, loop.epoch_seconds[-1]))
+        if evaluate is not None and good_enough is not None and good_enough(loop.metrics[-1]):
+            loop.stop = "tolerance"
+            break
+        if evaluate is not None and qc.patience and since_best >= qc.patience:
+            loop.stop = "plateau"
+            break
+    else:
+        if loop.out_of_steps():
+            loop.stop = "max_steps"
+    return best
+
+
+@dataclass
+class _Checked:
+    """The checks of the written model."""
+
+    rules: str
+    lint: dict[str, Any]
+    cosine: float
+    sqnr_db: float
+    ir_version: int
+
+
+def _check_and_write(student: _Student, staged: Path | None, first_feed: Feed, device: str, tmpdir: Path,
+                     out: Path) -> _Checked:
+    """Check the model to ship (the best epoch's export, else an export of the last weights) and move
+    it to ``out``: ``onnx.checker``, ONNX Runtime against the FP32 teacher on the first training
+    batch, agreement with the fake-quantized model, TensorRT's Q/DQ rules."""
+    import torch
+
+    from quantlab.collect import ort_session
+    from quantlab.compare.metrics import check_agreement
+    from quantlab.qdq.lint import lint_tensorrt
+
+    example = _tensors(first_feed, student.names, device)
+    with torch.no_grad():
+        reference = _first_output(student.model(*example))  # for the exported model's check below
+        fp32_out = _first_output(student.teacher(*example)).detach().cpu().numpy()
+    from_epoch = staged is not None
+    if staged is None:
+        staged = tmpdir / "model.onnx"
+        student.export(example, staged)
+    proto = onnx.load(str(staged))
+    onnx.checker.check_model(proto)
+    session = ort_session(str(staged), level="all")
+    feed = {n: np.ascontiguousarray(first_feed[n]) for n in student.names}
+    ort_out = session.run(None, feed)[0]
+    cosine, sqnr = check_agreement(fp32_out, ort_out)
+    fq_cos, _ = check_agreement(reference.detach().cpu().numpy(), ort_out)
+    # ONNX Runtime's integer kernels round differently from float fake quantization; on a
+    # transformer the two agree to about 0.98 cosine, so only a gross mismatch is an error
+    # (an earlier epoch's export, when it scored best, differs from the last weights too)
+    check(
+        from_epoch or fq_cos > 0.95,
+        f"the exported model disagrees with the fake-quantized PyTorch model (cosine {fq_cos:.4f}): "
+        "the Q/DQ export is broken for this model; report it with the model",
+    )
+    report = lint_tensorrt(proto)
+    rules = "pass" if report else "fail: " + ", ".join(report.rules)
+    os.replace(staged, out)
+    return _Checked(rules, report.to_dict(), cosine, sqnr, proto.ir_version)
 
 
 def _distill(out: Any, ref: Any) -> Any:

@@ -262,6 +262,22 @@ def _winner_notes(report: dict[str, Any], calibrator: str) -> list[str]:
     return notes
 
 
+def _qat(run: Run) -> dict[str, Any] | None:
+    """``quantlab qat``'s curve: the primary metric at the start (the PTQ engine) and after each epoch."""
+    q = run.qat
+    if not q:
+        return None
+    inner = q.get("qat") or {}
+    return {
+        "primary": q.get("primary"), "fp32": q.get("fp32"), "calibrator": q.get("calibrator"),
+        "start": (q.get("start") or {}).get("value"), "start_engine": (q.get("start") or {}).get("engine"),
+        "metrics": list(inner.get("metrics") or []), "losses": list(inner.get("losses") or []),
+        "best_epoch": inner.get("best_epoch"), "stop": inner.get("stop"), "final": (q.get("final") or {}).get("value"),
+        "tolerance_ok": (q.get("final") or {}).get("tolerance_ok"), "device": inner.get("device"),
+        "learn_ranges": (inner.get("ranges") or {}).get("mode", "off"),
+    }
+
+
 def build_report(run: Run | str | os.PathLike[str], worst: int = WORST_DEFAULT) -> dict[str, Any]:
     """Everything the report shows, as a JSON-ready dict (written as ``report.json``)."""
     check(isinstance(worst, int) and worst >= 0, f"worst must be a whole number >= 0, got {worst!r}: pass e.g. --worst 12")
@@ -285,6 +301,7 @@ def build_report(run: Run | str | os.PathLike[str], worst: int = WORST_DEFAULT) 
     report["scales"] = _scales(run)
     report["layers"] = _layers(run)
     report["tune"] = run.tune
+    report["qat"] = _qat(run)
     return report
 
 

@@ -376,6 +376,25 @@ def _tune(report: dict[str, Any]) -> str:
             f"{body}</table></div>")
 
 
+def _qat(report: dict[str, Any]) -> str:
+    q = report.get("qat")
+    if not q or not q.get("metrics"):
+        return ""
+    from quantlab.report.plots import curve_svg
+
+    primary = str(q.get("primary"))
+    svg = curve_svg(q["metrics"], start=q.get("start"), title=f"QAT: {primary} after each epoch", ylabel=primary,
+                    best=q.get("best_epoch"))
+    met = {True: '<span class="ok">tolerance met</span>', False: '<span class="fail">tolerance not met</span>'}.get(
+        q.get("tolerance_ok"), "no tolerance")
+    return (f'<h2 id="qat">Quantization-aware training</h2><p>From the {escape(str(q.get("calibrator")))} ranges '
+            f'({escape(str(q.get("start_engine") or "no PTQ engine"))}: {_fmt(q.get("start"))}) on '
+            f'{escape(str(q.get("device")))}, learned ranges: {escape(str(q.get("learn_ranges")))}; '
+            f'{len(q["metrics"])} epoch(s), stopped: {escape(str(q.get("stop")))}; kept epoch {_fmt(q.get("best_epoch"))}: '
+            f'{_fmt(q.get("final"))} (FP32 {_fmt(q.get("fp32"))}), {met}.</p>'
+            f'<div id="qat-curve">{_svg_img(svg, f"QAT {primary} per epoch")}</div>')
+
+
 def _transforms_text(transforms: list[dict[str, Any]]) -> str:
     if not transforms:
         return "none"
@@ -428,6 +447,8 @@ def _render(report: dict[str, Any], run: Run) -> str:
     nav = "".join(f'<a href="#{k}">{escape(t)}</a>' for k, t, _ in sections)
     if report.get("tune"):
         nav += '<a href="#tune">Escalation</a>'
+    if (report.get("qat") or {}).get("metrics"):
+        nav += '<a href="#qat">QAT</a>'
     nav += '<a href="#run">What was run</a>'
     body = "".join(f'<h2 id="{k}">{escape(t)}</h2>{html}' for k, t, html in sections)
     title = f"{r['model']}: INT8 calibration report"
@@ -439,6 +460,6 @@ def _render(report: dict[str, Any], run: Run) -> str:
         f'<p class="sub">{_fmt(r.get("samples"))} calibration samples, {_fmt(r.get("calibrated_tensors"))} calibrated tensors, '
         f'calibrators {escape(", ".join(r["calibrators"]))}, targets {escape(", ".join(r["targets"]))}; '
         f'run written {escape(r["date"])}; quantlab {escape(str(r["quantlab"]))}</p>'
-        f"<nav>{nav}</nav>\n{_verdict(report)}\n{body}\n{_tune(report)}\n"
+        f"<nav>{nav}</nav>\n{_verdict(report)}\n{body}\n{_tune(report)}\n{_qat(report)}\n"
         f'<h2 id="run">What was run</h2>{_run_info(report)}\n</body></html>\n'
     )

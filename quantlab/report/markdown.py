@@ -110,5 +110,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                       [[_v(x.get("rung")), _v(x.get("status")), _v(x.get("metric")), _v(x.get("value")), _v(x.get("reference")),
                         _v(x.get("engine")), _v(", ".join(x.get("float_layers") or []) or None), _v(x.get("detail"))]
                        for x in tune.get("rungs") or []], {3, 4})
+    qat = report.get("qat")
+    if qat and qat.get("metrics"):
+        out += ["", f"## QAT: {qat.get('primary')} from {_v(qat.get('start'))} ({qat.get('start_engine')}) to "
+                    f"{_v(qat.get('final'))} (epoch {qat.get('best_epoch')} of {len(qat['metrics'])}, stopped: {qat.get('stop')})", "",
+                "Per epoch: " + ", ".join(_v(m) for m in qat["metrics"])]
     out += ["", "Full report: `index.html` in the run folder (data: `report.json`).", ""]
     return "\n".join(out)

@@ -275,6 +275,33 @@ def dot_chart_svg(labels: Sequence[str], series: dict[str, Sequence[float | None
         return svg_bytes(fig)
 
 
+def curve_svg(values: Sequence[float], *, start: float | None, title: str, ylabel: str, best: int | None = None,
+              goal: float | None = None) -> bytes:
+    """A metric after each epoch as a line (epoch 0: ``start``, the model training began from), the
+    ``best`` epoch marked and an optional ``goal`` as a dashed line."""
+    from matplotlib.figure import Figure
+
+    with report_style():
+        fig = Figure(figsize=(6.0, 2.6), layout="constrained")
+        ax = fig.add_subplot()
+        xs = list(range(1, len(values) + 1))
+        if start is not None:
+            ax.plot([0, *xs[:1]], [start, *values[:1]], color="#9aa7b4", linestyle=":", linewidth=1.2)
+            ax.plot([0], [start], marker="s", color="#4b5866", linestyle="none", label="start")
+        ax.plot(xs, values, marker="o", markersize=3.5, color="#0072B2", linewidth=1.4, label="after each epoch")
+        if best is not None and 1 <= best <= len(values):
+            ax.plot([best], [values[best - 1]], marker="o", markersize=8, markerfacecolor="none", color="#D55E00",
+                    linestyle="none", label=f"kept: epoch {best}")
+        if goal is not None:
+            ax.axhline(goal, color="#000000", linestyle="--", linewidth=0.8, label=f"tolerance {goal:g}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, loc="left")
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.legend(loc="lower right", frameon=False, fontsize=7)
+        return svg_bytes(fig)
+
+
 def _finish_rows(ax: "Axes", labels: Sequence[str], title: str, xlabel: str) -> None:
     n = len(labels)
     ax.set_yticks(np.arange(n), [_shorten(s) for s in labels], fontsize=7)

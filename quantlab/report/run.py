@@ -174,6 +174,7 @@ class Run:
         compare: ``compare.json`` (``quantlab compare``) or ``None``.
         latency: ``latency.json`` (``quantlab compare``) or ``None``.
         tune: ``tune.json`` (``quantlab tune``, the escalation ladder) or ``None``.
+        qat: ``qat.json`` (``quantlab qat``: start, per-epoch metrics, stop) or ``None``.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -194,6 +195,7 @@ class Run:
         self.compare: dict[str, Any] | None = self._optional("compare.json")
         self.latency: dict[str, Any] | None = self._optional("latency.json")
         self.tune: dict[str, Any] | None = self._optional("tune.json")
+        self.qat: dict[str, Any] | None = self._optional("qat.json")
         self._quality: dict[tuple[str, str], dict[str, TensorQuality]] = {}
 
     def _optional(self, name: str) -> Any:

@@ -41,6 +41,12 @@ def test_qat_meets_the_tolerance_exit_0(capsys, tiny_run):
     assert main(["compare", "--config", str(config), "--run", str(run), "--latency-runs", "0", "--no-layers"]) in (0, 1)
     engines = [e["name"] for e in json.loads((run / "compare.json").read_text())["engines"]]
     assert "int8:qat.tensorrt" in engines
+    # the report draws the per-epoch curve from qat.json
+    assert main(["report", "--run", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["qat"]["metrics"] == record["qat"]["metrics"] and report["qat"]["best_epoch"] == 1
+    assert report["qat"]["start"] == record["start"]["value"]
+    assert 'id="qat-curve"' in (run / "index.html").read_text() and "## QAT:" in (run / "summary.md").read_text()
 
 
 def test_qat_below_the_tolerance_exit_1(capsys, tiny_run):
@@ -53,7 +59,8 @@ def test_qat_below_the_tolerance_exit_1(capsys, tiny_run):
     assert not json.loads((run / "qat.json").read_text())["ok"]
 
 
-@pytest.mark.parametrize("case", ["cuda", "no-stats", "bad-data", "bad-calibrator", "bad-epochs"])
+@pytest.mark.parametrize("case", ["cuda", "no-stats", "bad-data", "bad-calibrator", "bad-epochs", "unsupported-op",
+                                  "bad-learn-ranges"])
 def test_bad_input_exit_2_one_line_nothing_written(capsys, tiny_run, tmp_path, case):
     run, config = tiny_run
     args = ["qat", "--config", str(config), "--run", str(run)]
@@ -73,6 +80,16 @@ def test_bad_input_exit_2_one_line_nothing_written(capsys, tiny_run, tmp_path, c
         np.save(folder / "a.npy", np.zeros((2, 3, 5, 5), np.float32))
         _set(config, "qat", f'data = "{folder}"')
         expected = "a.npy"
+    elif case == "unsupported-op":  # the FP32 graph holds an op the ONNX-to-PyTorch converter lacks
+        import onnx
+
+        model = onnx.load(str(run / "model_fp32.onnx"))
+        next(n for n in model.graph.node if n.op_type == "Relu").op_type = "Celu"
+        onnx.save(model, str(run / "model_fp32.onnx"))
+        expected = "op(s) Celu not supported"
+    elif case == "bad-learn-ranges":
+        _set(config, "qat", 'learn_ranges = "weights"')
+        expected = "unknown qat.learn_ranges 'weights'"
     elif case == "bad-calibrator":
         args += ["--calibrator", "kl"]
         expected = "unknown calibrator 'kl'"
