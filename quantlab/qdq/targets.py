@@ -173,7 +173,7 @@ def write_qdq_model(
         dst = Path(tmp) / "model.onnx"
         with _quiet_onnxruntime():
             quantize_static(
-                str(model_path), str(dst), None,
+                str(_private_path(model_path, tmp)), str(dst), None,
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8 if target.symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -188,6 +188,17 @@ def write_qdq_model(
         onnx.save(model, str(dst))
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(dst, out)
+
+
+def _private_path(model_path: str | Path, tmp: str) -> Path:
+    """A link to ``model_path`` inside ``tmp``, the path handed to ONNX Runtime's quantizers.
+
+    They write ``<model>-inferred.onnx`` beside the model they read and delete it afterwards; two
+    runs quantizing the same cached prepared model at once would delete each other's file.
+    """
+    link = Path(tmp) / "input.onnx"
+    os.symlink(Path(model_path).resolve(), link)
+    return link
 
 
 DYNAMIC_TARGET = "ort-dynamic"
@@ -223,7 +234,7 @@ def write_dynamic_model(model_path: str | Path, out: str | Path, exclude: Iterab
         dst = Path(tmp) / "model.onnx"
         with _quiet_onnxruntime():
             quantize_dynamic(
-                str(model_path), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                str(_private_path(model_path, tmp)), str(dst), per_channel=True, weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(exclude) or None,
             )
         out.parent.mkdir(parents=True, exist_ok=True)

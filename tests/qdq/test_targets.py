@@ -109,3 +109,23 @@ def test_zero_range_tensor_never_gets_scale_zero():
             r = compute_ranges(stats, get_calibrator(name), target)
             assert r["z"].hi - r["z"].lo > 0 and r["z"].amax > 0
             assert r["c"].hi == pytest.approx(3.0) and r["c"].lo == (-3.0 if target.symmetric else 0.0)
+
+
+def test_concurrent_writers_of_one_model_do_not_collide(calibrated, tmp_path):
+    """Two runs quantizing the same (cached) prepared model at once: ONNX Runtime's quantizer writes
+    and deletes a ``-inferred.onnx`` file beside the model it reads, so each run hands it a private path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pm, stats, _ = calibrated
+    target = TARGETS["ort-cpu"]
+    ranges = compute_ranges(stats, get_calibrator("minmax"), target)
+
+    def write(i: int) -> bytes:
+        out = tmp_path / f"m{i}.onnx"
+        write_qdq_model(pm.path, ranges, target, out)
+        return out.read_bytes()
+
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(write, range(16)))
+    assert len(set(models)) == 1
+    assert not list(pm.path.parent.glob("*-inferred*"))
