@@ -35,8 +35,14 @@ def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:
     for e in result.int8:
         assert 0.0 <= e.metrics["top1"] <= 1.0 and e.metrics["sqnr_db"] < 999.0
         assert e.metrics["top1"] == e.metrics["top1_agreement"]  # labels == FP32 argmax
-        assert set(e.latency) == {"1", "4"} and e.latency["1"]["p90_ms"] >= e.latency["1"]["median_ms"] > 0
+        assert e.latency["1"]["p90_ms"] >= e.latency["1"]["median_ms"] > 0
+        # batch 4 is timed once per graph: the other calibrators' models of a target differ only in constants
+        assert set(e.latency) == {"1", "4"} or (set(e.latency) == {"1"} and set(e.latency_same_as) == {"4"})
         assert e.tolerance_ok is not None
+    for target in ("tensorrt", "ort-cpu"):
+        timed = [e.name for e in result.int8 if e.target == target and "4" in e.latency]
+        assert len(timed) == 1, timed
+        assert all(e.latency_same_as == {"4": timed[0]} for e in result.int8 if e.target == target and e.name != timed[0])
     assert result.best is not None and result.best.precision == "int8"
     text = str(result)
     assert "int8:entropy.ort-cpu" in text and "best INT8 engine" in text and "999.0" not in text
