@@ -252,6 +252,7 @@ def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...]
             "median_ms": round(median, 4),
             "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "throughput": round(b * 1000.0 / median, 2) if median > 0 else 0.0,
+            "runs": int(ms.shape[0]),
         }
     return result
 
