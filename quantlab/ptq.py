@@ -208,18 +208,15 @@ def latency_batch(prepared: PreparedModel) -> int:
     return next((s.shape[0] for s in prepared.inputs if s.shape and s.shape[0] is not None), 1)
 
 
-LATENCY_BUDGET_S = 2.0  # timed seconds per model at most: the PTQ latency is a sanity flag, compare measures
-
-
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int, batch: int = 1) -> float | None:
     """Median wall time on the first ``batch`` samples of ``feed``, in ms: at most ``runs`` runs,
     fewer once the median is stable (:func:`quantlab.latency.time_runs`)."""
-    from quantlab.latency import time_runs
+    from quantlab.latency import BUDGET_S, time_runs
 
     if runs <= 0:
         return None
     one = {k: v[:batch] for k, v in feed.items()}
-    times = time_runs(lambda: session.run(None, one), warmup=3, max_runs=runs, budget_s=LATENCY_BUDGET_S)
+    times = time_runs(lambda: session.run(None, one), warmup=3, max_runs=runs, budget_s=BUDGET_S)
     return float(np.median(times) * 1000)
 
 

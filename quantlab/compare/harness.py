@@ -9,8 +9,8 @@ memory, runs every engine over it, and computes
 * the ``[tolerance]`` rules for every INT8 engine (:mod:`quantlab.compare.tolerance`),
 * latency: median and p90 after ``warmup`` runs, at each of ``latency_batches``, throughput in
   samples per second, and the model file's size; an INT8 engine slower than FP32 at batch 1 is
-  flagged.  Timing stops once the median is stable, at most ``latency_runs`` runs
-  (:mod:`quantlab.latency`).  Above the smallest batch size, a graph is timed once: INT8 models that
+  flagged.  Timing stops once the median is stable, at most ``latency_runs`` runs and
+  ``BUDGET_S`` timed seconds per measurement (:mod:`quantlab.latency`).  Above the smallest batch size, a graph is timed once: INT8 models that
   differ from one already timed only in their constants (other calibrators' scales on the same
   target) run the same kernels on the same shapes, and their row points at the timed one,
 * per-layer analysis of the best INT8 engine (:mod:`quantlab.compare.layers`): each quantized
@@ -39,7 +39,7 @@ from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
 from quantlab.errors import QuantlabError, check
-from quantlab.latency import time_runs
+from quantlab.latency import BUDGET_S, time_runs
 from quantlab.model import input_specs
 
 Feed = dict[str, np.ndarray]
@@ -246,7 +246,7 @@ def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...]
     for b in latency_sizes(batch_sizes, fixed_batch):
         idx = np.arange(b) % total
         feed = {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
-        ms = time_runs(lambda: runner.run(feed), warmup=warmup, max_runs=runs) * 1000.0
+        ms = time_runs(lambda: runner.run(feed), warmup=warmup, max_runs=runs, budget_s=BUDGET_S) * 1000.0
         median = float(np.median(ms))
         result[str(b)] = {
             "median_ms": round(median, 4),
