@@ -30,7 +30,7 @@ import numpy as np
 Z_95 = 1.96
 MIN_RUNS = 5
 REL_HALFWIDTH = 0.05
-BUDGET_S = 3.0  # timed seconds per measurement after which a noisy machine stops it (at least 3 runs)
+BUDGET_S = 2.0  # timed seconds per measurement after which a noisy machine stops it (at least 3 runs)
 
 
 def median_interval(times: np.ndarray, z: float = Z_95) -> tuple[float, float]:
