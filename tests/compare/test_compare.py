@@ -198,3 +198,15 @@ def test_transformed_run_is_judged_against_the_untransformed_fp32(run: tuple[Pat
     assert result["fp32"].path == "model_fp32.onnx" and result["fp32"].metrics.get("sqnr_db") is None
     assert result.layers and result.layers["rows"] and not result.layers.get("skipped")
     assert any(r["node"].startswith("fc") for r in result.layers["rows"])
+
+
+def test_graph_fingerprint_ignores_constants_and_sees_structure(tmp_path: Path) -> None:
+    from conftest import conv_net, save_model
+
+    from quantlab.compare.harness import graph_fingerprint
+
+    a = save_model(conv_net(seed=0), tmp_path / "a.onnx")
+    b = save_model(conv_net(seed=1), tmp_path / "b.onnx")  # other weights, same graph
+    c = save_model(conv_net(seed=0, hw=(16, 16)), tmp_path / "c.onnx")  # other input shape
+    assert a.read_bytes() != b.read_bytes()
+    assert graph_fingerprint(a) == graph_fingerprint(b) != graph_fingerprint(c)
