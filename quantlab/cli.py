@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="evaluation folder (overrides [compare] eval)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="engine backend (default: onnxruntime)")
     p.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
-    p.add_argument("--latency-runs", type=int, help="timed runs per engine and batch size (0: no latency)")
+    p.add_argument("--latency-runs", type=int, help="timed runs per engine and batch size at most, fewer once the median is stable (0: no latency)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer SQNR and sensitivity analysis")
     p.set_defaults(func=cmd_compare, model=None)
     p = sub.add_parser("tune", help="PTQ, compare, then escalate (partial quantization, QAT) until the tolerance holds")

@@ -106,12 +106,15 @@ def collect_stats(
         return session.run(names, {k: feed[k] for k in input_names})
 
     # Two-stage pipeline: ONNX Runtime computes batch k+1 in a worker thread (it releases the GIL)
-    # while this thread histograms batch k (the compiled kernel releases it too).
+    # while this thread histograms batch k (the compiled kernel releases it too).  A batch is handed
+    # to ONNX Runtime before its inputs are checked, so the first check (which imports and loads the
+    # compiled kernel, about a second) overlaps the first inference; a bad input still stops the run
+    # before any of its statistics are used.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: tuple[int, Feed, Future[list[np.ndarray]]] | None = None
         for index, feed in enumerate(batches):
-            check_inputs(index, feed)
             job = (index, feed, pool.submit(infer, feed))
+            check_inputs(index, feed)
             if pending is not None:
                 samples += _absorb(pending, names, tensors, on_batch)
             pending = job

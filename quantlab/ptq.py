@@ -212,17 +212,14 @@ def latency_batch(prepared: PreparedModel) -> int:
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int, batch: int = 1) -> float | None:
-    """Median wall time of ``runs`` runs on the first ``batch`` samples of ``feed``, in ms."""
+    """Median wall time on the first ``batch`` samples of ``feed``, in ms: at most ``runs`` runs,
+    fewer once the median is stable (:func:`quantlab.latency.time_runs`)."""
+    from quantlab.latency import BUDGET_S, time_runs
+
     if runs <= 0:
         return None
     one = {k: v[:batch] for k, v in feed.items()}
-    for _ in range(3):
-        session.run(None, one)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, one)
-        times.append(time.perf_counter() - t)
+    times = time_runs(lambda: session.run(None, one), warmup=3, max_runs=runs, budget_s=BUDGET_S)
     return float(np.median(times) * 1000)
 
 

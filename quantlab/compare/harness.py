@@ -7,9 +7,12 @@ memory, runs every engine over it, and computes
 * the task metrics against FP32 and the labels (:mod:`quantlab.compare.metrics`),
 * per output: cosine, SQNR, max abs error, fraction within atol/rtol,
 * the ``[tolerance]`` rules for every INT8 engine (:mod:`quantlab.compare.tolerance`),
-* latency: median and p90 of ``latency_runs`` timed runs after ``warmup`` runs, at each of
-  ``latency_batches``, throughput in samples per second, and the model file's size; an INT8
-  engine slower than FP32 at batch 1 is flagged,
+* latency: median and p90 after ``warmup`` runs, at each of ``latency_batches``, throughput in
+  samples per second, and the model file's size; an INT8 engine slower than FP32 at batch 1 is
+  flagged.  Timing stops once the median is stable, at most ``latency_runs`` runs and
+  ``BUDGET_S`` timed seconds per measurement (:mod:`quantlab.latency`).  Above the smallest batch size, a graph is timed once: INT8 models that
+  differ from one already timed only in their constants (other calibrators' scales on the same
+  target) run the same kernels on the same shapes, and their row points at the timed one,
 * per-layer analysis of the best INT8 engine (:mod:`quantlab.compare.layers`): each quantized
   layer's own SQNR and the SQNR accumulated up to it, and its sensitivity (the primary metric with
   only that layer quantized), worst first.
@@ -36,6 +39,7 @@ from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
 from quantlab.errors import QuantlabError, check
+from quantlab.latency import BUDGET_S, time_runs
 from quantlab.model import input_specs
 
 Feed = dict[str, np.ndarray]
@@ -206,33 +210,49 @@ def _stable(x: float | None, digits: int = 6) -> float | None:
     return round(float(x), digits)
 
 
+def graph_fingerprint(path: str | Path) -> str:
+    """SHA-256 of a model's structure: nodes, attributes, and initializer names, types and shapes, but
+    not initializer values.  Two models with the same fingerprint run the same kernels on the same
+    shapes (e.g. one target's INT8 models from two calibrators), so their latency is one measurement."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        init.ClearField("raw_data")
+        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            init.ClearField(name)
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def latency_sizes(batch_sizes: tuple[int, ...], fixed_batch: int | None) -> tuple[int, ...]:
+    """The batch sizes latency is measured at: a model with a fixed batch dimension takes only that size."""
+    return (fixed_batch,) if fixed_batch is not None else tuple(batch_sizes)
+
+
 def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...], runs: int, warmup: int,
                fixed_batch: int | None) -> dict[str, dict[str, float]]:
     """Median and p90 in ms and throughput in samples/s per batch size.
 
-    A model with a fixed batch dimension takes only that size: it is measured at that one size.
+    At most ``runs`` timed runs per size, fewer once the median is stable (:func:`time_runs`).  A
+    model with a fixed batch dimension takes only that size: it is measured at that one size.
     """
     if runs <= 0:
         return {}
     pool = {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
     total = next(iter(pool.values())).shape[0]
     result: dict[str, dict[str, float]] = {}
-    for b in (fixed_batch,) if fixed_batch is not None else batch_sizes:
+    for b in latency_sizes(batch_sizes, fixed_batch):
         idx = np.arange(b) % total
         feed = {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
-        for _ in range(warmup):
-            runner.run(feed)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            runner.run(feed)
-            times.append(time.perf_counter() - t)
-        ms = np.asarray(times) * 1000.0
+        ms = time_runs(lambda: runner.run(feed), warmup=warmup, max_runs=runs, budget_s=BUDGET_S) * 1000.0
         median = float(np.median(ms))
         result[str(b)] = {
             "median_ms": round(median, 4),
             "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "throughput": round(b * 1000.0 / median, 2) if median > 0 else 0.0,
+            "runs": int(ms.shape[0]),
         }
     return result
 
@@ -253,6 +273,7 @@ class EngineResult:
     tolerance_ok: bool | None = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     slower_than_fp32: bool = False
+    latency_same_as: dict[str, str] = field(default_factory=dict)  # batch size -> engine timed on the same graph
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -310,6 +331,7 @@ class CompareResult:
     def latency_dict(self) -> dict[str, Any]:
         return {
             "engines": {e.name: e.latency for e in self.engines},
+            "same_graph_as": {e.name: e.latency_same_as for e in self.engines if e.latency_same_as},
             "slower_than_fp32": [e.name for e in self.engines if e.slower_than_fp32],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
@@ -326,6 +348,9 @@ class CompareResult:
                 row.append("-" if v is None else (f"{v:.1f}" if k == "sqnr_db" else f"{v:.4f}"))
             for b in batches:
                 lat = e.latency.get(b)
+                if lat is None and b in e.latency_same_as:
+                    row.append("=")
+                    continue
                 row.append("-" if lat is None else f"{lat['median_ms']:.2f}" + (" SLOW" if b == "1" and e.slower_than_fp32 else ""))
             row.append(f"{e.size_mb:.1f}")
             row.append("-" if e.tolerance_ok is None else ("ok" if e.tolerance_ok else "FAIL"))
@@ -355,6 +380,9 @@ class CompareResult:
             out.append(f"most sensitive layers of {self.layers['engine']} ({self.layers['score']}): {desc}")
             if self.layers.get("skipped"):
                 out.append(f"  (not analysed: {', '.join(self.layers['skipped'])}, not a Q/DQ copy of the FP32 graph)")
+        shared = sorted({b for e in self.engines for b in e.latency_same_as}, key=int)
+        if shared:
+            out.append(f"ms@b{'/'.join(shared)} '=': the same graph as an engine timed above (other constants only), timed once")
         if self.tolerance:
             out.append("tolerance: " + ("every INT8 engine passes" if self else "some INT8 engines FAIL"))
         out.append(f"results: {self.run_dir / 'compare.json'}")
@@ -446,6 +474,7 @@ class Evaluator:
         self.primary = c.primary or M.default_primary(c.task, self.data.labelled)
         self.reference: dict[str, np.ndarray] = {}
         self.fp32: EngineResult | None = None
+        self.timed_graphs: dict[str, str] = {}  # graph fingerprint -> the engine timed at every batch size
 
     def evaluate(self, spec: EngineSpec, *, latency: bool = True) -> EngineResult:
         """Run one engine over the evaluation set: metrics, latency, size, tolerance."""
@@ -466,12 +495,11 @@ class Evaluator:
                 metrics["sqnr_db"] = None
         self.seconds[f"eval:{spec.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        runs = c.latency_runs if latency else 0
-        lat = latency_of(runner, self.data.batches, c.latency_batches, runs, c.warmup, self.fixed_batch)
+        lat, same_as = self.latency(runner, spec, path, latency)
         self.seconds[f"latency:{spec.name}"] = time.perf_counter() - t0
         size = round(path.stat().st_size / 1e6, 3)
         result = EngineResult(spec.name, spec.precision, spec.path, spec.calibrator, spec.target, size, flat,
-                              per_output, latency=lat)
+                              per_output, latency=lat, latency_same_as=same_as)
         if is_ref:
             self.fp32 = result
             check_known(self.tolerance, computed, f"compare (task {c.task})")
@@ -489,6 +517,24 @@ class Evaluator:
         elif spec.precision == "int8":
             self.judge(result)
         return result
+
+    def latency(self, runner: Runner, spec: EngineSpec, path: Path, enabled: bool) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        """Latency at the smallest batch size always; at the larger ones only for a graph not timed yet
+        (see the module docstring).  Returns the measurements and, per size left out, the engine timed
+        on the same graph."""
+        c = self.config.compare
+        runs = c.latency_runs if enabled else 0
+        sizes = latency_sizes(c.latency_batches, self.fixed_batch)
+        if runs <= 0 or len(sizes) == 1:
+            return latency_of(runner, self.data.batches, sizes, runs, c.warmup, None), {}
+        key = graph_fingerprint(path)
+        twin = self.timed_graphs.get(key)
+        if twin is None:
+            self.timed_graphs[key] = spec.name
+            return latency_of(runner, self.data.batches, sizes, runs, c.warmup, None), {}
+        first = min(sizes)
+        lat = latency_of(runner, self.data.batches, (first,), runs, c.warmup, None)
+        return lat, {str(b): twin for b in sizes if b != first}
 
     def judge(self, e: EngineResult) -> None:
         """Apply the tolerance and the latency flag to an INT8 engine (FP32 must be evaluated first)."""
