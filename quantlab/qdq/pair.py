@@ -124,6 +124,12 @@ class QdqPair:
             tensor in self.fp32_of,
             f"Q/DQ input '{tensor}' of the INT8 model has no FP32 counterpart: pass the FP32 model it was quantized from",
         )
+        check(
+            nodes[-1].op_type == "QuantizeLinear",
+            f"INT8 tensor '{tensor}' is already integer where the FP32 model has a float activation (an op run on "
+            "quantized data, as ONNX Runtime's dynamic quantizer writes a Gather on an INT8 table): the model is not a "
+            "Q/DQ copy of the FP32 graph",
+        )
         return QdqChain(nodes[::-1], tensor, False)
 
     def find(self, names: Iterable[Any] | None) -> list[QuantizedLayer]:
