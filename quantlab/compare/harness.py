@@ -104,6 +104,7 @@ class EvalSet:
     samples: int
     labelled: int
     sources: list[str] = field(default_factory=list)
+    infos: list[Any] | None = None  # per sample ImageInfo (image data): what detection decoders undo
 
     def subset(self, n: int) -> list[Feed]:
         """The first ``n`` samples, batched as stored."""
@@ -151,7 +152,10 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
     batches: list[Feed] = []
     labels: list[int] = []
     sources = [str(folder)]
+    from quantlab.data import sample_infos
+
     reader, files = eval_reader(config, path, inputs, glob=c.glob)
+    infos = sample_infos(reader)
     for feed in reader:
         batches.append(feed)
     n_main = sum(next(iter(b.values())).shape[0] for b in batches)
@@ -168,6 +172,8 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
         sources.append(str(c.extra))
         extra, _ = eval_reader(config, config.resolve(c.extra), inputs, glob=c.extra_glob,
                                crops=c.extra_crops, resize=c.extra_resize)
+        extra_infos = sample_infos(extra)
+        infos = infos + extra_infos if infos is not None and extra_infos is not None else None
         for feed in extra:
             batches.append(feed)
             labels.extend([-1] * next(iter(feed.values())).shape[0])
@@ -177,7 +183,8 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
     lab = np.asarray(labels, dtype=np.int64)
     labelled = int(np.sum(lab >= 0))
     check(len(lab) > 0, f"the evaluation folder '{path}' gave no samples: add files that match compare.glob")
-    return EvalSet(batches, lab if labelled else None, len(lab), labelled, sources)
+    infos = infos[: len(lab)] if infos is not None and len(infos) >= len(lab) else None
+    return EvalSet(batches, lab if labelled else None, len(lab), labelled, sources, infos)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -384,17 +391,24 @@ def rank_engines(engines: list[EngineResult], primary: str) -> list[EngineResult
 
 def engine_metrics(
     config: Config, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
-    output: str, user: tuple[str, Callable[..., Any]] | None = None,
+    output: str, user: tuple[str, Callable[..., Any]] | None = None, detector: Any = None,
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
-    """Task metrics (flat, with the task output's per-output metrics) and per-output metrics."""
+    """Task metrics (flat, with the task output's per-output metrics) and per-output metrics.
+
+    ``detector`` (a :class:`quantlab.compare.detection.NmsDetector`) decodes every output into
+    detections for the mAP and box metrics of an NMS detector.
+    """
     c = config.compare
     per_output = {
         n: {k: _stable(v) for k, v in M.output_metrics(ref[n], out[n], c.atol, c.rtol).items()} for n in ref
     }
     flat: dict[str, float | None] = dict(per_output[output])
     boxes = M.BoxParams(c.dense_threshold, c.box_threshold, c.box_unclip_ratio, c.box_dilation, c.box_iou)
-    task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
-                          retrieval_k=c.retrieval_k, boxes=boxes)
+    if detector is not None:
+        task: dict[str, Any] = detector.metrics(ref, out)
+    else:
+        task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
+                              retrieval_k=c.retrieval_k, boxes=boxes)
     flat.update({k: _stable(v) for k, v in task.items()})
     if user is not None:
         flat.update({k: _stable(v) for k, v in M.user_metrics(user[1], user[0], ref, out, labels).items()})
@@ -443,8 +457,14 @@ class Evaluator:
         self.max_batch = max(c.batch_size, *c.latency_batches)
         self.fp32_runner = make_runner(c.backend, fp32_path, "fp32", max_batch=self.max_batch)
         self.output = _output_name(config, self.fp32_runner.output_names)
-        self.primary = c.primary or M.default_primary(c.task, self.data.labelled)
+        self.primary = c.primary or M.default_primary(c.task, self.data.labelled, bool(c.postprocess))
+        self.detector = None
+        if c.postprocess:
+            from quantlab.compare.detection import NmsDetector
+
+            self.detector = NmsDetector(c.postprocess, c.classes, self.data.infos, c.box_iou)
         self.reference: dict[str, np.ndarray] = {}
+        self.detections: dict[str, list[Any]] = {}  # each engine's decoded detections (NMS detectors)
         self.fp32: EngineResult | None = None
 
     def evaluate(self, spec: EngineSpec, *, latency: bool = True) -> EngineResult:
@@ -457,7 +477,10 @@ class Evaluator:
         out = run_all(runner, self.data.batches)
         if is_ref:
             self.reference = out
-        flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user)
+        flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user,
+                                          self.detector)
+        if self.detector is not None:
+            self.detections[spec.name] = self.detector.detections(out)
         computed = {k for k, v in flat.items() if v is not None}
         if is_ref:
             # FP32 against itself has no error: its SQNR is not a measurement (the cap, 999 dB), so none is shown
