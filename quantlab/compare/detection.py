@@ -19,7 +19,7 @@ ground truth:
   over the classes FP32 found), with no limit on detections per image below the most any engine found;
 * ``box_precision``, ``box_recall``, ``box_f1``: a one-to-one matching of the engine's boxes with
   FP32's of the same class at IoU >= ``box_iou``, the matching the DB text-detector metric uses
-  (:func:`quantlab.compare.metrics.match_pairs`); ``boxes``: how many the engine found.
+  (:func:`quantlab.compare.metrics.matched_pairs`); ``boxes``: how many the engine found.
 
 Worked example (one image, one class): FP32 found two boxes; the engine finds one of them with score
 0.9 and a spurious box with score 0.8.  Ranked by score the engine's precision/recall points are
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from quantlab.compare.metrics import match_pairs
+from quantlab.compare.metrics import matched_pairs
 from quantlab.data import ImageInfo
 from quantlab.errors import QuantlabError, check
 
@@ -133,11 +133,12 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def matched(ref: Detections, out: Detections, threshold: float) -> int:
-    """True positives: boxes of the same class matched one to one at IoU >= ``threshold``."""
+def box_pairs(ref: Detections, out: Detections, threshold: float) -> list[tuple[int, int]]:
+    """``(reference, engine)`` box pairs of the same class matched one to one at IoU >= ``threshold``
+    (:func:`quantlab.compare.metrics.matched_pairs`)."""
     iou = iou_matrix(ref.boxes, out.boxes)
     iou[ref.classes[:, None] != out.classes[None, :]] = 0.0
-    return match_pairs(iou, threshold)
+    return matched_pairs(iou, threshold)
 
 
 def coco_map(ref: Sequence[Detections], out: Sequence[Detections], num_classes: int) -> tuple[float, float]:
@@ -195,7 +196,7 @@ def detection_scores(ref: Sequence[Detections], out: Sequence[Detections], num_c
                      iou: float = 0.5) -> dict[str, float]:
     """mAP@0.5, mAP@0.5:0.95 and box precision/recall/F1 of ``out`` against ``ref`` (see the module)."""
     map50, map_ = coco_map(ref, out, num_classes)
-    tp = sum(matched(r, o, iou) for r, o in zip(ref, out))
+    tp = sum(len(box_pairs(r, o, iou)) for r, o in zip(ref, out))
     n_ref, n_out = sum(map(len, ref)), sum(map(len, out))
     precision = tp / n_out if n_out else 1.0
     recall = tp / n_ref if n_ref else 1.0

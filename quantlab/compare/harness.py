@@ -285,6 +285,7 @@ class CompareResult:
     engines: list[EngineResult]
     layers: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    picture: dict[str, Any] | None = None  # detections.png: which images and engines it shows
 
     def __bool__(self) -> bool:
         return all(e.tolerance_ok is not False for e in self.engines if e.precision == "int8")
@@ -311,7 +312,7 @@ class CompareResult:
             "model": self.model, "backend": self.backend, "task": self.task, "samples": self.samples,
             "labelled": self.labelled, "primary": self.primary, "tolerance": self.tolerance, "ok": bool(self),
             "best": best.name if best else None, "engines": [e.to_dict() for e in self.engines],
-            "layers": self.layers,
+            "layers": self.layers, **({"picture": self.picture} if self.picture else {}),
         }
 
     def latency_dict(self) -> dict[str, Any]:
@@ -564,6 +565,11 @@ def run_compare(
         if bar is not None:
             bar.close()
     result = ev.result(results)
+    figures: dict[str, bytes] = {}
+    if ev.detector is not None and write and result.int8:
+        picture = detection_picture(config, ev, result, eval_dir)
+        if picture is not None:
+            result.picture, figures["detections.png"] = picture
     do_layers = c.layers if layers is None else layers
     if do_layers and c.backend == "onnxruntime":
         import onnx
@@ -585,8 +591,35 @@ def run_compare(
             skipped.append(engine.name)
         ev.seconds["layers"] = time.perf_counter() - t0
     if write:
-        write_results(result)
+        write_results(result, figures)
     return result
+
+
+def detection_picture(config: Config, ev: Evaluator, result: CompareResult,
+                      eval_dir: str | Path | None = None) -> tuple[dict[str, Any], bytes] | None:
+    """``detections.png`` of an NMS detector: FP32's, the best and the worst INT8 engine's boxes on the
+    two evaluation images where the worst engine disagrees most with FP32 (see
+    :mod:`quantlab.report.detections`), and what it shows.  ``None`` when the images are not files
+    of the evaluation folder."""
+    from quantlab.report.detections import detection_picture as draw
+    from quantlab.report.detections import pick_images
+
+    c = config.compare
+    ranked = rank_engines(result.int8, result.primary)
+    best, worst = ranked[0], ranked[-1]
+    folder = Path(eval_dir) if eval_dir is not None else config.resolve(c.eval)
+    ref = ev.detections["fp32"]
+    chosen = [i for i in pick_images(ref, ev.detections[worst.name], c.box_iou, len(ref))
+              if (folder / ev.data.infos[i].source).is_file()][:2]
+    if not chosen:
+        return None
+    panels = [(f"best {best.name}", [ev.detections[best.name][i] for i in chosen])]
+    if worst.name != best.name:
+        panels.append((f"worst {worst.name}", [ev.detections[worst.name][i] for i in chosen]))
+    png = draw([folder / ev.data.infos[i].source for i in chosen], [ref[i] for i in chosen], panels, c.classes, c.box_iou)
+    info = {"file": "detections.png", "images": [ev.data.infos[i].source for i in chosen],
+            "engines": [best.name, worst.name]}
+    return info, png
 
 
 def analyse_layers(
@@ -637,8 +670,9 @@ def analyse_layers(
             "score": "output SQNR dB with only this layer quantized", "rows": rows}
 
 
-def write_results(result: CompareResult) -> None:
-    """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest and report."""
+def write_results(result: CompareResult, figures: dict[str, bytes] | None = None) -> None:
+    """``compare.json``, ``latency.json`` and ``figures`` (name -> PNG bytes) into the run folder, each
+    atomically, then the manifest and report."""
     from quantlab.artefacts import Artefact, update_manifest, write_report_files
 
     run = result.run_dir
@@ -646,5 +680,10 @@ def write_results(result: CompareResult) -> None:
         tmp = run / f".{name}.tmp"
         write_text(tmp, dumps_json(payload))
         tmp.replace(run / name)
-    update_manifest(run, [Artefact("compare.json", "compare"), Artefact("latency.json", "timing")])
+    for name, data in (figures or {}).items():
+        tmp = run / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(run / name)
+    update_manifest(run, [Artefact("compare.json", "compare"), Artefact("latency.json", "timing"),
+                          *(Artefact(name, "figure") for name in figures or {})])
     write_report_files(run)

@@ -219,24 +219,31 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(pa.intersection(pb).area / union) if union > 0 else 0.0
 
 
-def match_pairs(iou: np.ndarray, threshold: float) -> int:
-    """True positives of a one-to-one greedy matching of reference boxes (rows of ``iou``) with an
-    engine's (columns): pairs taken by IoU, highest first (ties: lower row, then lower column), at
-    IoU >= ``threshold``, each box used at most once.  Shared by the DB text-detector metric and the
-    NMS detection metrics (:mod:`quantlab.compare.detection`).
+def matched_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """A one-to-one greedy matching of reference boxes (rows of ``iou``) with an engine's (columns):
+    pairs ``(row, column)`` taken by IoU, highest first (ties: lower row, then lower column), at
+    IoU >= ``threshold``, each box used at most once.  Shared by the DB text-detector metric, the NMS
+    detection metrics (:mod:`quantlab.compare.detection`) and the detection picture.
 
-    Example: ``iou = [[0.9, 0.6], [0.7, 0.0]]`` at 0.5 takes (0, 0), then (1, 0) is used up and
-    (0, 1) too: 1 true positive, although (0, 1) and (1, 0) would have made 2.
+    Example: ``iou = [[0.9, 0.6], [0.7, 0.0]]`` at 0.5 takes (0, 0); then (1, 0) and (0, 1) each
+    reuse a box: one pair, although (0, 1) and (1, 0) would have made two.
     """
-    iou = np.asarray(iou, np.float64).reshape(len(iou), -1)
+    iou = np.asarray(iou, np.float64)
     rows, cols = np.nonzero(iou >= threshold)
     used_ref: set[int] = set()
     used_out: set[int] = set()
+    pairs: list[tuple[int, int]] = []
     for _, i, j in sorted(zip((-iou[rows, cols]).tolist(), rows.tolist(), cols.tolist())):
         if i not in used_ref and j not in used_out:
             used_ref.add(i)
             used_out.add(j)
-    return len(used_ref)
+            pairs.append((i, j))
+    return pairs
+
+
+def match_pairs(iou: np.ndarray, threshold: float) -> int:
+    """True positives of :func:`matched_pairs`: how many pairs it makes."""
+    return len(matched_pairs(iou, threshold))
 
 
 def match_boxes(ref: list[np.ndarray], out: list[np.ndarray], threshold: float) -> int:
