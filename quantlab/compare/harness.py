@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,8 +35,12 @@ from quantlab.compare import metrics as M
 from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
+from quantlab.data import ImageInfo
 from quantlab.errors import QuantlabError, check
 from quantlab.model import input_specs
+
+if TYPE_CHECKING:
+    from quantlab.compare.detection import Detections, NmsDetector
 
 Feed = dict[str, np.ndarray]
 ProgressFactory = Callable[[int, str], Any]
@@ -104,7 +108,7 @@ class EvalSet:
     samples: int
     labelled: int
     sources: list[str] = field(default_factory=list)
-    infos: list[Any] | None = None  # per sample ImageInfo (image data): what detection decoders undo
+    infos: list[ImageInfo] | None = None  # per sample (image data): the pre-processing detection decoders undo
 
     def subset(self, n: int) -> list[Feed]:
         """The first ``n`` samples, batched as stored."""
@@ -392,7 +396,7 @@ def rank_engines(engines: list[EngineResult], primary: str) -> list[EngineResult
 
 def engine_metrics(
     config: Config, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
-    output: str, user: tuple[str, Callable[..., Any]] | None = None, detector: Any = None,
+    output: str, user: tuple[str, Callable[..., Any]] | None = None, detector: NmsDetector | None = None,
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
     """Task metrics (flat, with the task output's per-output metrics) and per-output metrics.
 
@@ -406,7 +410,7 @@ def engine_metrics(
     flat: dict[str, float | None] = dict(per_output[output])
     boxes = M.BoxParams(c.dense_threshold, c.box_threshold, c.box_unclip_ratio, c.box_dilation, c.box_iou)
     if detector is not None:
-        task: dict[str, Any] = detector.metrics(ref, out)
+        task: dict[str, Any] = dict(detector.metrics(ref, out))
     else:
         task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
                               retrieval_k=c.retrieval_k, boxes=boxes)
@@ -459,13 +463,13 @@ class Evaluator:
         self.fp32_runner = make_runner(c.backend, fp32_path, "fp32", max_batch=self.max_batch)
         self.output = _output_name(config, self.fp32_runner.output_names)
         self.primary = c.primary or M.default_primary(c.task, self.data.labelled, bool(c.postprocess))
-        self.detector = None
+        self.detector: NmsDetector | None = None
         if c.postprocess:
             from quantlab.compare.detection import NmsDetector
 
             self.detector = NmsDetector(c.postprocess, c.classes, self.data.infos, c.box_iou)
         self.reference: dict[str, np.ndarray] = {}
-        self.detections: dict[str, list[Any]] = {}  # each engine's decoded detections (NMS detectors)
+        self.detections: dict[str, list[Detections]] = {}  # each engine's decoded detections (NMS detectors)
         self.fp32: EngineResult | None = None
 
     def evaluate(self, spec: EngineSpec, *, latency: bool = True) -> EngineResult:
