@@ -96,10 +96,10 @@ class ImageInfo:
     A point ``(x, y)`` of the image file (``height x width`` pixels) lands at
     ``(x * scale_x + offset_x, y * scale_y + offset_y)`` in the model input, so a box the model
     finds maps back by ``x = (x' - offset_x) / scale_x`` (:meth:`to_image`).  A letterbox has
-    ``scale_x = scale_y = r`` and offsets of 0 (top-left) or half the padding (centred); a centre crop
-    negative offsets (the crop's corner).  ``input_height x input_width`` is the sample's size.  Example: a 512x384 (WxH) image letterboxed top-left into
-    416x416 has r = 0.8125; the input's box ``[81.25, 0, 162.5, 81.25]`` is ``[100, 0, 200, 100]``
-    in the file.
+    ``scale_x = scale_y = r`` and offsets of 0 (top-left) or half the padding (centred); a centre
+    crop negative offsets (the crop's corner).  ``input_height x input_width`` is the sample's size.
+    Example: a 512x384 (WxH) image letterboxed top-left into 416x416 has r = 0.8125; the input's box
+    ``[81.25, 0, 162.5, 81.25]`` is ``[100, 0, 200, 100]`` in the file.
     """
 
     source: str

@@ -35,7 +35,7 @@ from quantlab.compare import metrics as M
 from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
-from quantlab.data import ImageInfo
+from quantlab.data import ImageInfo, sample_infos
 from quantlab.errors import QuantlabError, check
 from quantlab.model import input_specs
 
@@ -156,8 +156,6 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
     batches: list[Feed] = []
     labels: list[int] = []
     sources = [str(folder)]
-    from quantlab.data import sample_infos
-
     reader, files = eval_reader(config, path, inputs, glob=c.glob)
     infos = sample_infos(reader)
     for feed in reader:
