@@ -333,7 +333,8 @@ class CompareResult:
             row = [e.name]
             for k in keys:
                 v = e.metrics.get(k)
-                row.append("-" if v is None else (f"{v:.1f}" if k == "sqnr_db" else f"{v:.4f}"))
+                digits = 1 if k == "sqnr_db" else 0 if k == "boxes" else 4
+                row.append("-" if v is None else f"{v:.{digits}f}")
             for b in batches:
                 lat = e.latency.get(b)
                 row.append("-" if lat is None else f"{lat['median_ms']:.2f}" + (" SLOW" if b == "1" and e.slower_than_fp32 else ""))
