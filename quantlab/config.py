@@ -32,11 +32,25 @@ def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
 class Preprocess:
     """How an image file becomes a model input.
 
-    Steps, in order: decode to RGB; scale so the shorter side is ``resize`` pixels (bilinear;
-    ``None``: the crop size, ``0``: no resizing); take the centre ``crop = (height, width)``
-    (``None``: the model input's size); convert to
+    Steps, in order: decode to RGB; fit the image to the input size ``(H, W)`` (``crop``, or the
+    model input's size when ``None``) as ``fit`` says; convert to
     float32 pixel values ``p`` in [0, 255]; ``x = (p * scale - mean) / std`` per channel; reorder
     channels when ``channel_order = "BGR"``; lay out as ``NCHW`` or ``NHWC``.
+
+    ``fit`` (bilinear resampling throughout):
+
+    * ``"crop"``: scale so the shorter side is ``resize`` pixels (``None``: the crop size, ``0``: no
+      resizing), then take the centre ``(H, W)``;
+    * ``"stretch"``: resize to exactly ``(H, W)``, aspect ratio not kept (PaddleDetection's plain
+      resize); ``resize`` is ignored;
+    * ``"letterbox"`` (YOLO-family detectors): scale by ``r = min(H / h, W / w)`` to
+      ``(int(h r), int(w r))``, keeping the aspect ratio, and pad to ``(H, W)`` with the pixel value
+      ``pad_value``, the image at the top-left corner (``pad_position = "top-left"``, YOLOX) or
+      centred (``"center"``).  Example: a 512x384 (WxH) page into 416x416 gives r = 0.8125, a
+      416x312 image and 104 rows of padding below it.
+
+    Detection decoders receive each sample's scale and padding (:class:`quantlab.data.ImageInfo`)
+    to map boxes back to the image's pixels.
 
     Example (EfficientNet-Lite): ``resize=256, crop=(224, 224), mean=127, std=128`` maps a pixel
     of 255 to (255 - 127) / 128 = 1.0 and a pixel of 0 to -0.992.
@@ -49,8 +63,14 @@ class Preprocess:
     std: tuple[float, float, float] = (255.0, 255.0, 255.0)
     channel_order: str = "RGB"
     layout: str = "NCHW"
+    fit: str = "crop"
+    pad_value: float = 114.0
+    pad_position: str = "top-left"
 
     def __post_init__(self) -> None:
+        _one_of(self.fit, ("crop", "stretch", "letterbox"), "preprocess.fit")
+        _one_of(self.pad_position, ("top-left", "center"), "preprocess.pad_position")
+        check(0.0 <= self.pad_value <= 255.0, f"preprocess.pad_value must be a pixel value in [0, 255], got {self.pad_value}")
         _one_of(self.channel_order, ("RGB", "BGR"), "channel_order")
         _one_of(self.layout, ("NCHW", "NHWC"), "layout")
         check(
@@ -190,6 +210,12 @@ class CompareConfig:
       boxes from the map as rapidocr's DB post-processing makes them (threshold ``dense_threshold``,
       mean probability at least ``box_threshold``, expanded by ``box_unclip_ratio``, a 2x2 dilation
       when ``box_dilation``), matched one to one at IoU >= ``box_iou``;
+    * ``detection`` with ``postprocess = "module:function"`` (NMS-decoded detectors such as YOLO):
+      the named decoder turns each sample's raw outputs into boxes, scores and classes (see
+      :mod:`quantlab.compare.detection`); mAP@0.5 (``map50``) and mAP@0.5:0.95 (``map``) of the
+      engine's detections with FP32's as ground truth (COCO evaluation, pycocotools), and box
+      precision, recall and F1 matched one to one per class at IoU >= ``box_iou``.  ``classes``
+      names the model's classes (their number is checked against the decoder's output);
     * ``outputs``: only the per-output metrics (cosine, SQNR, max abs error, within atol/rtol),
       which every task reports too.
 
@@ -214,6 +240,8 @@ class CompareConfig:
     box_unclip_ratio: float = 1.6
     box_dilation: bool = True
     box_iou: float = 0.5
+    postprocess: str | None = None
+    classes: tuple[str, ...] = ()
     retrieval_k: int = 5
     metric: str | None = None
     primary: str | None = None
@@ -239,6 +267,15 @@ class CompareConfig:
         check(0.0 <= self.box_threshold <= 1.0, f"compare.box_threshold must be in [0, 1], got {self.box_threshold}")
         check(self.box_unclip_ratio > 0, f"compare.box_unclip_ratio must be > 0, got {self.box_unclip_ratio}")
         check(0.0 < self.box_iou <= 1.0, f"compare.box_iou must be in (0, 1], got {self.box_iou}")
+        check(
+            self.postprocess is None or (":" in self.postprocess and self.task == "detection"),
+            f"compare.postprocess must be 'module:function' with task = \"detection\", got '{self.postprocess}' "
+            f"(task {self.task})",
+        )
+        check(
+            self.postprocess is None or len(self.classes) > 0,
+            "compare.postprocess needs compare.classes: the model's class names, e.g. classes = [\"text\", \"title\"]",
+        )
         check(
             self.metric is None or ":" in self.metric,
             f"compare.metric must be 'module:function', got '{self.metric}'",

@@ -89,6 +89,37 @@ def list_data_files(folder: str | Path, kind: str = "auto", glob: str = "*") -> 
     return kind, chosen
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """How one image sample was made from its file: the pre-processing a detector's decoder undoes.
+
+    A point ``(x, y)`` of the image file (``height x width`` pixels) lands at
+    ``(x * scale_x + offset_x, y * scale_y + offset_y)`` in the model input, so a box the model
+    finds maps back by ``x = (x' - offset_x) / scale_x`` (:meth:`to_image`).  A letterbox has
+    ``scale_x = scale_y = r`` and offsets of 0 (top-left) or half the padding (centred); a centre
+    crop negative offsets (the crop's corner).  ``input_height x input_width`` is the sample's size.
+    Example: a 512x384 (WxH) image letterboxed top-left into 416x416 has r = 0.8125; the input's box
+    ``[81.25, 0, 162.5, 81.25]`` is ``[100, 0, 200, 100]`` in the file.
+    """
+
+    source: str
+    height: int
+    width: int
+    scale_y: float
+    scale_x: float
+    offset_y: int = 0
+    offset_x: int = 0
+    input_height: int = 0
+    input_width: int = 0
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """``[K, 4]`` boxes ``x1, y1, x2, y2`` in model-input pixels -> pixels of the image file."""
+        b = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+        b[:, 0::2] = (b[:, 0::2] - self.offset_x) / self.scale_x
+        b[:, 1::2] = (b[:, 1::2] - self.offset_y) / self.scale_y
+        return b
+
+
 class ImageFolder:
     """Batches of preprocessed images for a single image input.
 
@@ -140,6 +171,13 @@ class ImageFolder:
             f"a {crops}x{crops} grid of crops needs a crop size: set data.preprocess.crop or fix the model's input size",
         )
         self.crop = crop
+        if preprocess.fit != "crop":
+            check(
+                crop is not None,
+                f"preprocess.fit = \"{preprocess.fit}\" needs a fixed input size, but '{spec.name}' is {spec.describe()}: "
+                "set data.preprocess.crop = [height, width] or fix the model's input shape",
+            )
+            check(crops == 1, f"a {crops}x{crops} grid of crops needs preprocess.fit = \"crop\", not \"{preprocess.fit}\"")
         if resize is None:
             resize = preprocess.resize
         self.resize = resize if resize is not None else (min(crop) if crop else 0)
@@ -150,45 +188,91 @@ class ImageFolder:
     def num_samples(self) -> int:
         return len(self.files) * self.crops**2
 
+    def infos(self) -> list[ImageInfo]:
+        """Every sample's :class:`ImageInfo`, in the order the batches hold them."""
+        return [info for f in self.files for info in self.image_infos(f)]
+
     def load(self, path: Path) -> np.ndarray:
         """One image as a float32 array in the model's layout (no batch axis): the first crop."""
         return self.load_crops(path)[0]
 
     def load_crops(self, path: Path) -> list[np.ndarray]:
         """The ``crops x crops`` samples of one image (one sample when ``crops = 1``)."""
+        return [self._to_input(p, path) for p in self._pixels(path)[0]]
+
+    def image_infos(self, path: Path) -> list[ImageInfo]:
+        """Where each sample of one image comes from (its crops, or its letterbox), read from the header."""
+        return self._pixels(path, decode=False)[1]
+
+    def _pixels(self, path: Path, decode: bool = True) -> tuple[list[np.ndarray], list[ImageInfo]]:
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(path) as img:
+                if not decode:
+                    return [], self._geometry(path, img.size)[1]
                 img = img.convert("RGB")
-                if self.resize:
-                    scale = self.resize / min(img.size)
-                    size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+                size, infos = self._geometry(path, img.size)
+                if size != img.size:
                     img = img.resize(size, Image.Resampling.BILINEAR)
+                if self.preprocess.fit == "letterbox":
+                    ch, cw = self.crop
+                    canvas = np.full((ch, cw, 3), np.float32(self.preprocess.pad_value), np.float32)
+                    top, left = infos[0].offset_y, infos[0].offset_x
+                    canvas[top : top + size[1], left : left + size[0]] = np.asarray(img, dtype=np.float32)
+                    return [canvas], infos
                 if not self.crop:
-                    return [self._to_input(np.asarray(img, dtype=np.float32), path)]
+                    return [np.asarray(img, dtype=np.float32)], infos
                 ch, cw = self.crop
-                width, height = img.size
-                check(
-                    width >= cw and height >= ch,
-                    f"image '{path.name}' is {height}x{width} (HxW), smaller than the crop "
-                    f"{ch}x{cw}: set data.preprocess.resize so the shorter side is at least {min(ch, cw)}",
-                )
-                k = self.crops
-                if k == 1:
-                    corners = [((height - ch) // 2, (width - cw) // 2)]
-                else:
-                    tops = [round(i * (height - ch) / (k - 1)) for i in range(k)]
-                    lefts = [round(j * (width - cw) / (k - 1)) for j in range(k)]
-                    corners = [(top, left) for top in tops for left in lefts]
                 pixels = [
-                    np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) for top, left in corners
+                    np.asarray(img.crop((-i.offset_x, -i.offset_y, -i.offset_x + cw, -i.offset_y + ch)), dtype=np.float32)
+                    for i in infos
                 ]
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise QuantlabError(
                 f"cannot read image '{path}' ({type(exc).__name__}: {exc}): remove or replace the file"
             ) from None
-        return [self._to_input(p, path) for p in pixels]
+        return pixels, infos
+
+    def _geometry(self, path: Path, size: tuple[int, int]) -> tuple[tuple[int, int], list[ImageInfo]]:
+        """The resized ``(width, height)`` of an image of ``size`` and each sample's :class:`ImageInfo`."""
+        width, height = size
+        fit = self.preprocess.fit
+        if fit in ("stretch", "letterbox"):
+            ch, cw = self.crop
+            if fit == "stretch":
+                return (cw, ch), [ImageInfo(path.name, height, width, ch / height, cw / width, 0, 0, ch, cw)]
+            r = min(ch / height, cw / width)
+            new_w, new_h = int(width * r), int(height * r)
+            check(
+                new_w >= 1 and new_h >= 1,
+                f"image '{path.name}' is {height}x{width} (HxW): letterboxed into {ch}x{cw} it would be "
+                f"{new_h}x{new_w} pixels: crop it to a less extreme aspect ratio or remove it",
+            )
+            top, left = ((ch - new_h) // 2, (cw - new_w) // 2) if self.preprocess.pad_position == "center" else (0, 0)
+            return (new_w, new_h), [ImageInfo(path.name, height, width, r, r, top, left, ch, cw)]
+        if self.resize:
+            scale = self.resize / min(width, height)
+            new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        else:
+            new = (width, height)
+        sy, sx = new[1] / height, new[0] / width
+        if not self.crop:
+            return new, [ImageInfo(path.name, height, width, sy, sx, 0, 0, new[1], new[0])]
+        ch, cw = self.crop
+        check(
+            new[0] >= cw and new[1] >= ch,
+            f"image '{path.name}' is {new[1]}x{new[0]} (HxW), smaller than the crop "
+            f"{ch}x{cw}: set data.preprocess.resize so the shorter side is at least {min(ch, cw)}",
+        )
+        k = self.crops
+        if k == 1:
+            corners = [((new[1] - ch) // 2, (new[0] - cw) // 2)]
+        else:
+            tops = [round(i * (new[1] - ch) / (k - 1)) for i in range(k)]
+            lefts = [round(j * (new[0] - cw) / (k - 1)) for j in range(k)]
+            corners = [(top, left) for top in tops for left in lefts]
+        return new, [ImageInfo(path.name, height, width, sy, sx, -top, -left, ch, cw) for top, left in corners]
 
     def _to_input(self, pixels: np.ndarray, path: Path) -> np.ndarray:
         """Normalise, reorder and lay out ``pixels`` (HxWx3 RGB float32), checked against the input."""
@@ -454,6 +538,14 @@ class Limited:
                 f"samples per batch, but the data gives fewer{limit}: add samples"
                 + (" or raise data.max_samples" if limit else "")
             )
+
+
+def sample_infos(reader: Limited) -> list[ImageInfo] | None:
+    """The :class:`ImageInfo` of each sample a reader yields (``None`` unless it reads images)."""
+    if not isinstance(reader.reader, ImageFolder):
+        return None
+    infos = reader.reader.infos()
+    return infos[: reader.max_samples] if reader.max_samples else infos
 
 
 def resolve_tokenizer(spec: str | Path, resolve: Callable[[str], Path] | None = None) -> Path:

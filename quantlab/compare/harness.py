@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,9 +38,13 @@ from quantlab.compare import metrics as M
 from quantlab.compare.runners import Runner, make_runner
 from quantlab.compare.tolerance import Failure, check_known, evaluate, parse_tolerance
 from quantlab.config import Config
+from quantlab.data import ImageInfo, sample_infos
 from quantlab.errors import QuantlabError, check
 from quantlab.latency import BUDGET_S, time_runs
 from quantlab.model import input_specs
+
+if TYPE_CHECKING:
+    from quantlab.compare.detection import Detections, NmsDetector
 
 Feed = dict[str, np.ndarray]
 ProgressFactory = Callable[[int, str], Any]
@@ -108,6 +112,7 @@ class EvalSet:
     samples: int
     labelled: int
     sources: list[str] = field(default_factory=list)
+    infos: list[ImageInfo] | None = None  # per sample (image data): the pre-processing detection decoders undo
 
     def subset(self, n: int) -> list[Feed]:
         """The first ``n`` samples, batched as stored."""
@@ -156,6 +161,7 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
     labels: list[int] = []
     sources = [str(folder)]
     reader, files = eval_reader(config, path, inputs, glob=c.glob)
+    infos = sample_infos(reader)
     for feed in reader:
         batches.append(feed)
     n_main = sum(next(iter(b.values())).shape[0] for b in batches)
@@ -172,6 +178,8 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
         sources.append(str(c.extra))
         extra, _ = eval_reader(config, config.resolve(c.extra), inputs, glob=c.extra_glob,
                                crops=c.extra_crops, resize=c.extra_resize)
+        extra_infos = sample_infos(extra)
+        infos = infos + extra_infos if infos is not None and extra_infos is not None else None
         for feed in extra:
             batches.append(feed)
             labels.extend([-1] * next(iter(feed.values())).shape[0])
@@ -181,7 +189,8 @@ def load_eval_set(config: Config, inputs: list[Any], eval_dir: str | Path | None
     lab = np.asarray(labels, dtype=np.int64)
     labelled = int(np.sum(lab >= 0))
     check(len(lab) > 0, f"the evaluation folder '{path}' gave no samples: add files that match compare.glob")
-    return EvalSet(batches, lab if labelled else None, len(lab), labelled, sources)
+    infos = infos[: len(lab)] if infos is not None and len(infos) >= len(lab) else None
+    return EvalSet(batches, lab if labelled else None, len(lab), labelled, sources, infos)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -299,6 +308,7 @@ class CompareResult:
     engines: list[EngineResult]
     layers: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    picture: dict[str, Any] | None = None  # detections.png: which images and engines it shows
 
     def __bool__(self) -> bool:
         return all(e.tolerance_ok is not False for e in self.engines if e.precision == "int8")
@@ -325,7 +335,7 @@ class CompareResult:
             "model": self.model, "backend": self.backend, "task": self.task, "samples": self.samples,
             "labelled": self.labelled, "primary": self.primary, "tolerance": self.tolerance, "ok": bool(self),
             "best": best.name if best else None, "engines": [e.to_dict() for e in self.engines],
-            "layers": self.layers,
+            "layers": self.layers, **({"picture": self.picture} if self.picture else {}),
         }
 
     def latency_dict(self) -> dict[str, Any]:
@@ -345,7 +355,8 @@ class CompareResult:
             row = [e.name]
             for k in keys:
                 v = e.metrics.get(k)
-                row.append("-" if v is None else (f"{v:.1f}" if k == "sqnr_db" else f"{v:.4f}"))
+                digits = 1 if k == "sqnr_db" else 0 if k == "boxes" else 4
+                row.append("-" if v is None else f"{v:.{digits}f}")
             for b in batches:
                 lat = e.latency.get(b)
                 if lat is None and b in e.latency_same_as:
@@ -412,17 +423,24 @@ def rank_engines(engines: list[EngineResult], primary: str) -> list[EngineResult
 
 def engine_metrics(
     config: Config, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
-    output: str, user: tuple[str, Callable[..., Any]] | None = None,
+    output: str, user: tuple[str, Callable[..., Any]] | None = None, detector: NmsDetector | None = None,
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
-    """Task metrics (flat, with the task output's per-output metrics) and per-output metrics."""
+    """Task metrics (flat, with the task output's per-output metrics) and per-output metrics.
+
+    ``detector`` (a :class:`quantlab.compare.detection.NmsDetector`) decodes every output into
+    detections for the mAP and box metrics of an NMS detector.
+    """
     c = config.compare
     per_output = {
         n: {k: _stable(v) for k, v in M.output_metrics(ref[n], out[n], c.atol, c.rtol).items()} for n in ref
     }
     flat: dict[str, float | None] = dict(per_output[output])
     boxes = M.BoxParams(c.dense_threshold, c.box_threshold, c.box_unclip_ratio, c.box_dilation, c.box_iou)
-    task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
-                          retrieval_k=c.retrieval_k, boxes=boxes)
+    if detector is not None:
+        task: dict[str, Any] = dict(detector.metrics(ref, out))
+    else:
+        task = M.task_metrics(c.task, ref[output], out[output], labels, dense_threshold=c.dense_threshold,
+                              retrieval_k=c.retrieval_k, boxes=boxes)
     flat.update({k: _stable(v) for k, v in task.items()})
     if user is not None:
         flat.update({k: _stable(v) for k, v in M.user_metrics(user[1], user[0], ref, out, labels).items()})
@@ -471,8 +489,14 @@ class Evaluator:
         self.max_batch = max(c.batch_size, *c.latency_batches)
         self.fp32_runner = make_runner(c.backend, fp32_path, "fp32", max_batch=self.max_batch)
         self.output = _output_name(config, self.fp32_runner.output_names)
-        self.primary = c.primary or M.default_primary(c.task, self.data.labelled)
+        self.primary = c.primary or M.default_primary(c.task, self.data.labelled, bool(c.postprocess))
+        self.detector: NmsDetector | None = None
+        if c.postprocess:
+            from quantlab.compare.detection import NmsDetector
+
+            self.detector = NmsDetector(c.postprocess, c.classes, self.data.infos, c.box_iou)
         self.reference: dict[str, np.ndarray] = {}
+        self.detections: dict[str, list[Detections]] = {}  # each engine's decoded detections (NMS detectors)
         self.fp32: EngineResult | None = None
         self.timed_graphs: dict[str, str] = {}  # graph fingerprint -> the engine timed at every batch size
 
@@ -486,7 +510,10 @@ class Evaluator:
         out = run_all(runner, self.data.batches)
         if is_ref:
             self.reference = out
-        flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user)
+        flat, per_output = engine_metrics(self.config, self.reference, out, self.data.labels, self.output, self.user,
+                                          self.detector)
+        if self.detector is not None:
+            self.detections[spec.name] = self.detector.detections(out)
         computed = {k for k, v in flat.items() if v is not None}
         if is_ref:
             # FP32 against itself has no error: its SQNR is not a measurement (the cap, 999 dB), so none is shown
@@ -587,6 +614,11 @@ def run_compare(
         if bar is not None:
             bar.close()
     result = ev.result(results)
+    figures: dict[str, bytes] = {}
+    if ev.detector is not None and write and result.int8:
+        picture = detection_picture(config, ev, result, eval_dir)
+        if picture is not None:
+            result.picture, figures["detections.png"] = picture
     do_layers = c.layers if layers is None else layers
     if do_layers and c.backend == "onnxruntime":
         import onnx
@@ -608,8 +640,35 @@ def run_compare(
             skipped.append(engine.name)
         ev.seconds["layers"] = time.perf_counter() - t0
     if write:
-        write_results(result)
+        write_results(result, figures)
     return result
+
+
+def detection_picture(config: Config, ev: Evaluator, result: CompareResult,
+                      eval_dir: str | Path | None = None) -> tuple[dict[str, Any], bytes] | None:
+    """``detections.png`` of an NMS detector: FP32's, the best and the worst INT8 engine's boxes on the
+    two evaluation images where the worst engine disagrees most with FP32 (see
+    :mod:`quantlab.report.detections`), and what it shows.  ``None`` when the images are not files
+    of the evaluation folder."""
+    from quantlab.report.detections import detection_picture as draw
+    from quantlab.report.detections import pick_images
+
+    c = config.compare
+    ranked = rank_engines(result.int8, result.primary)
+    best, worst = ranked[0], ranked[-1]
+    folder = Path(eval_dir) if eval_dir is not None else config.resolve(c.eval)
+    ref = ev.detections["fp32"]
+    chosen = [i for i in pick_images(ref, ev.detections[worst.name], c.box_iou, len(ref))
+              if (folder / ev.data.infos[i].source).is_file()][:2]
+    if not chosen:
+        return None
+    panels = [(f"best {best.name}", [ev.detections[best.name][i] for i in chosen])]
+    if worst.name != best.name:
+        panels.append((f"worst {worst.name}", [ev.detections[worst.name][i] for i in chosen]))
+    png = draw([folder / ev.data.infos[i].source for i in chosen], [ref[i] for i in chosen], panels, c.classes, c.box_iou)
+    info = {"file": "detections.png", "images": [ev.data.infos[i].source for i in chosen],
+            "engines": [best.name, worst.name]}
+    return info, png
 
 
 def analyse_layers(
@@ -660,8 +719,9 @@ def analyse_layers(
             "score": "output SQNR dB with only this layer quantized", "rows": rows}
 
 
-def write_results(result: CompareResult) -> None:
-    """``compare.json`` and ``latency.json`` into the run folder, each atomically, then the manifest and report."""
+def write_results(result: CompareResult, figures: dict[str, bytes] | None = None) -> None:
+    """``compare.json``, ``latency.json`` and ``figures`` (name -> PNG bytes) into the run folder, each
+    atomically, then the manifest and report."""
     from quantlab.artefacts import Artefact, update_manifest
     from quantlab.report import write_report_files
 
@@ -670,5 +730,10 @@ def write_results(result: CompareResult) -> None:
         tmp = run / f".{name}.tmp"
         write_text(tmp, dumps_json(payload))
         tmp.replace(run / name)
-    update_manifest(run, [Artefact("compare.json", "compare"), Artefact("latency.json", "timing")])
+    for name, data in (figures or {}).items():
+        tmp = run / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(run / name)
+    update_manifest(run, [Artefact("compare.json", "compare"), Artefact("latency.json", "timing"),
+                          *(Artefact(name, "figure") for name in figures or {})])
     write_report_files(run)

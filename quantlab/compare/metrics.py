@@ -20,7 +20,9 @@ first).  Names are the keys users write in ``[tolerance]`` and ``[compare] prima
   ``DBPostProcess``: binarise at ``dense_threshold``, one box per connected region, kept when its mean
   probability reaches ``box_threshold``, expanded by ``box_unclip_ratio``), and the engine's boxes
   are matched one to one with FP32's at IoU >= ``box_iou``: ``box_precision``, ``box_recall``,
-  ``box_f1`` over all samples (micro-averaged), and ``boxes``, the number of boxes the engine found.
+  ``box_f1`` over all samples (micro-averaged), and ``boxes``, the number of boxes the engine found;
+  NMS-decoded detectors (``postprocess``) get ``map50``, ``map`` and the same box metrics from
+  :mod:`quantlab.compare.detection` instead.
 
 Lower is better for :data:`LOWER_IS_BETTER`; higher is better for every other metric, user
 metrics included.
@@ -46,13 +48,15 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "top5", "top1_agreement", "top5_overlap", "kl"),
     "dense": ("iou", "mae"),
     "embedding": ("mean_cosine", "min_cosine", "retrieval_agreement"),
-    "detection": ("box_f1", "box_precision", "box_recall", "iou", "mae", "boxes"),
+    "detection": ("map50", "map", "box_f1", "box_precision", "box_recall", "iou", "mae", "boxes"),
     "outputs": (),
 }
 
 
-def default_primary(task: str, labelled: int) -> str:
-    """The metric that ranks engines when the config names none."""
+def default_primary(task: str, labelled: int, decoded: bool = False) -> str:
+    """The metric that ranks engines when the config names none (``decoded``: an NMS detector's mAP@0.5)."""
+    if task == "detection" and decoded:
+        return "map50"
     if task == "classification":
         return "top1" if labelled else "top1_agreement"
     return {"dense": "iou", "embedding": "mean_cosine", "detection": "box_f1"}.get(task, "sqnr_db")
@@ -215,24 +219,43 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(pa.intersection(pb).area / union) if union > 0 else 0.0
 
 
+def matched_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """A one-to-one greedy matching of reference boxes (rows of ``iou``) with an engine's (columns):
+    pairs ``(row, column)`` taken by IoU, highest first (ties: lower row, then lower column), at
+    IoU >= ``threshold``, each box used at most once.  Shared by the DB text-detector metric, the NMS
+    detection metrics (:mod:`quantlab.compare.detection`) and the detection picture.
+
+    Example: ``iou = [[0.9, 0.6], [0.7, 0.0]]`` at 0.5 takes (0, 0); then (1, 0) and (0, 1) each
+    reuse a box: one pair, although (0, 1) and (1, 0) would have made two.
+    """
+    iou = np.asarray(iou, np.float64)
+    rows, cols = np.nonzero(iou >= threshold)
+    used_ref: set[int] = set()
+    used_out: set[int] = set()
+    pairs: list[tuple[int, int]] = []
+    for _, i, j in sorted(zip((-iou[rows, cols]).tolist(), rows.tolist(), cols.tolist())):
+        if i not in used_ref and j not in used_out:
+            used_ref.add(i)
+            used_out.add(j)
+            pairs.append((i, j))
+    return pairs
+
+
+def match_pairs(iou: np.ndarray, threshold: float) -> int:
+    """True positives of :func:`matched_pairs`: how many pairs it makes."""
+    return len(matched_pairs(iou, threshold))
+
+
 def match_boxes(ref: list[np.ndarray], out: list[np.ndarray], threshold: float) -> int:
-    """True positives of a one-to-one greedy matching: pairs taken by IoU, highest first, at >= ``threshold``."""
-    candidates = []
+    """True positives of a one-to-one greedy matching of quadrilaterals (:func:`match_pairs`)."""
+    iou = np.zeros((len(ref), len(out)))
     for i, a in enumerate(ref):
         lo_a, hi_a = a.min(0), a.max(0)
         for j, b in enumerate(out):
             if np.any(b.max(0) < lo_a) or np.any(b.min(0) > hi_a):
                 continue  # the enclosing rectangles do not even touch
-            iou = box_iou(a, b)
-            if iou >= threshold:
-                candidates.append((-iou, i, j))
-    used_ref: set[int] = set()
-    used_out: set[int] = set()
-    for _, i, j in sorted(candidates):
-        if i not in used_ref and j not in used_out:
-            used_ref.add(i)
-            used_out.add(j)
-    return len(used_ref)
+            iou[i, j] = box_iou(a, b)
+    return match_pairs(iou, threshold)
 
 
 _BOX_CACHE: dict[tuple[str, BoxParams], list[list[np.ndarray]]] = {}

@@ -151,7 +151,7 @@ def _engines_from_compare(run: Run, best: str | None) -> dict[str, Any]:
     return {
         "source": "compare", "primary": primary, "samples": cmp.get("samples"), "labelled": cmp.get("labelled"),
         "task": cmp.get("task"), "backend": cmp.get("backend"), "tolerance": cmp.get("tolerance"),
-        "ok": cmp.get("ok"), "best": cmp.get("best"), "columns": columns, "rows": rows,
+        "ok": cmp.get("ok"), "best": cmp.get("best"), "columns": columns, "rows": rows, "picture": cmp.get("picture"),
         "timed": [k for k, _ in columns if k.startswith("b") and k.endswith("_ms")] + (["throughput"] if "throughput" in lat_keys else []),
     }
 

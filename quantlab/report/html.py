@@ -200,6 +200,25 @@ def _engines(report: dict[str, Any]) -> str:
             '<p class="note">★ the winner.</p>')
 
 
+def _detections(report: dict[str, Any], run: Run) -> str:
+    """The FP32-vs-INT8 boxes picture ``quantlab compare`` draws for an NMS detector, when there is one."""
+    picture = (report["engines"].get("picture") or {}) if report["engines"]["source"] == "compare" else {}
+    path = run.path / str(picture.get("file", ""))
+    if not picture or not path.is_file():
+        return ""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+    engines = picture.get("engines") or []
+    note = (f'FP32 boxes (green) and the INT8 boxes of the best and the worst engine ({escape(", ".join(engines))}) on the '
+            f'evaluation images where the worst disagrees most with FP32 ({escape(", ".join(picture.get("images") or []))}): '
+            'blue a box that matches FP32 (same class, IoU at least compare.box_iou), orange a box FP32 did not find, '
+            'thin red an FP32 box the engine missed.')
+    return (f'<h2 id="detections">Detections: FP32 against INT8</h2><p class="note">{note}</p>'
+            f'{_img(data_uri(path.read_bytes(), "image/png"), "FP32 and INT8 detections", width, height)}')
+
+
 def _calibrators(report: dict[str, Any]) -> str:
     out = []
     w = report.get("winner") or {}
@@ -438,7 +457,7 @@ def render_html(report: dict[str, Any], run: Run) -> str:
 def _render(report: dict[str, Any], run: Run) -> str:
     r = report["run"]
     sections = [
-        ("engines", "Accuracy and latency", _engines(report)),
+        ("engines", "Accuracy and latency", _engines(report) + _detections(report, run)),
         ("calibrators", "Calibrators compared", _calibrators(report) if report["calibrators"] else '<p class="note">No statistics.</p>'),
         ("layers", "Per-layer SQNR and sensitivity", _layers(report)),
         ("tensors", "Histograms of the worst tensors", _histograms(report, run)),

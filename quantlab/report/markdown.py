@@ -80,6 +80,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += _table(head, rows, set(range(1, len(cols) + 1)))
     if eng["source"] != "compare":
         out += ["", "Agreement with FP32 on the first calibration batch; run `quantlab compare` for accuracy."]
+    elif eng.get("picture"):
+        pic = eng["picture"]
+        out += ["", f"![FP32 (green) against INT8 boxes of {' and '.join(pic.get('engines') or [])}]({pic['file']})"]
     target = report.get("primary_target")
     if report.get("calibrators") and target in report["calibrators"]:
         out += ["", f"## Calibrators (histogram SQNR on {target})", ""]
