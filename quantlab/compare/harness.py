@@ -598,11 +598,32 @@ def run_compare(
     c = config.compare
     run = Path(run_dir) if run_dir is not None else default_run_dir(config)
     ev = Evaluator(config, run, eval_dir=eval_dir)
-    specs = ev.specs
-    if engines is not None:
-        unknown = sorted(set(engines) - {s.name for s in specs})
-        check(not unknown, f"unknown engine(s) {', '.join(unknown)}: the run has {', '.join(s.name for s in specs)}")
-        specs = [s for s in specs if s.name == "fp32" or s.name in engines]
+    result = ev.result(evaluate_engines(ev, select_engines(ev.specs, engines), progress))
+    figures: dict[str, bytes] = {}
+    if ev.detector is not None and write and result.int8:
+        picture = detection_picture(config, ev, result, eval_dir)
+        if picture is not None:
+            result.picture, figures["detections.png"] = picture
+    if (c.layers if layers is None else layers) and c.backend == "onnxruntime":
+        t0 = time.perf_counter()
+        result.layers = analyse_best_engine(config, ev, result)
+        ev.seconds["layers"] = time.perf_counter() - t0
+    if write:
+        write_results(result, figures)
+    return result
+
+
+def select_engines(specs: list[EngineSpec], engines: list[str] | None) -> list[EngineSpec]:
+    """The engines named in ``engines`` (all when None), FP32 always first: it is the reference."""
+    if engines is None:
+        return specs
+    unknown = sorted(set(engines) - {s.name for s in specs})
+    check(not unknown, f"unknown engine(s) {', '.join(unknown)}: the run has {', '.join(s.name for s in specs)}")
+    return [s for s in specs if s.name == "fp32" or s.name in engines]
+
+
+def evaluate_engines(ev: Evaluator, specs: list[EngineSpec], progress: ProgressFactory | None) -> list[EngineResult]:
+    """Each engine over the evaluation set, in order, with an optional progress bar."""
     bar = progress(len(specs), "engines") if progress else None
     results: list[EngineResult] = []
     try:
@@ -613,35 +634,28 @@ def run_compare(
     finally:
         if bar is not None:
             bar.close()
-    result = ev.result(results)
-    figures: dict[str, bytes] = {}
-    if ev.detector is not None and write and result.int8:
-        picture = detection_picture(config, ev, result, eval_dir)
-        if picture is not None:
-            result.picture, figures["detections.png"] = picture
-    do_layers = c.layers if layers is None else layers
-    if do_layers and c.backend == "onnxruntime":
-        import onnx
+    return results
 
-        from quantlab.compare.layers import mismatch
 
-        t0 = time.perf_counter()
-        # the best INT8 engine that is a Q/DQ copy of the FP32 graph (a QAT export is not)
-        skipped = []
-        fp32_model = onnx.load(str(ev.graph_path))
-        for engine in rank_engines(result.int8, result.primary):
-            int8_model = onnx.load(str(run / engine.path))
-            if mismatch(fp32_model, int8_model) is None:
-                result.layers = analyse_layers(config, fp32_model, int8_model, engine.name, ev.data,
-                                               ev.output, ev.reference[ev.output])
-                if skipped:
-                    result.layers["skipped"] = skipped
-                break
-            skipped.append(engine.name)
-        ev.seconds["layers"] = time.perf_counter() - t0
-    if write:
-        write_results(result, figures)
-    return result
+def analyse_best_engine(config: Config, ev: Evaluator, result: CompareResult) -> dict[str, Any] | None:
+    """The per-layer analysis of the best INT8 engine that is a Q/DQ copy of the FP32 graph (a QAT
+    export or an ``ort-dynamic`` model is not); the engines passed over are listed under ``skipped``."""
+    import onnx
+
+    from quantlab.compare.layers import mismatch
+
+    skipped = []
+    fp32_model = onnx.load(str(ev.graph_path))
+    for engine in rank_engines(result.int8, result.primary):
+        int8_model = onnx.load(str(result.run_dir / engine.path))
+        if mismatch(fp32_model, int8_model) is None:
+            layers = analyse_layers(config, fp32_model, int8_model, engine.name, ev.data,
+                                    ev.output, ev.reference[ev.output])
+            if skipped:
+                layers["skipped"] = skipped
+            return layers
+        skipped.append(engine.name)
+    return None
 
 
 def detection_picture(config: Config, ev: Evaluator, result: CompareResult,
