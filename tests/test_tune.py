@@ -57,6 +57,8 @@ def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], 
         (lambda t: t.replace("top1_agreement = 0.5", ""), "quantlab tune needs a tolerance"),
         (lambda t: t + '\n[tune]\ntarget = "tpu"\n', "unknown tune.target 'tpu'"),
         (lambda t: t + '\n[tune]\nrecipes = [["gptq"]]\n', "unknown transform in tune.recipes 'gptq'"),
+        (lambda t: t + '\n[tune]\nmax_float_share = 5\n', "tune.max_float_share must be a fraction in [0, 1]"),
+        (lambda t: t + '\n[tune]\nmax_latency_increase = -0.1\n', "tune.max_latency_increase must be a fraction >= 0"),
     ],
 )
 def test_tune_user_errors_write_nothing(tiny_run, edit, message, capsys) -> None:
