@@ -421,6 +421,7 @@ def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = N
     prepared = prepare_model(resolve_model(config), config.model.input_shapes)
     notes: list[str] = []
     tops: list[tuple[EngineResult, Path]] = []  # each recipe's best engine and its run folder
+    seen: dict[str, str] = {}  # the transforms that applied -> the recipe that quantized that model
     for recipe in config.tune.recipes:
         label = "+".join(ordered(recipe))
         t1 = time.perf_counter()
@@ -430,6 +431,12 @@ def recipes(config: Config, ev: Evaluator, best: EngineResult, progress: Any = N
         if not any(t.applied for t in done):
             notes.append(f"{label}: not applicable ({'; '.join(t.detail for t in done)})")
             continue
+        applied = "+".join(t.name for t in done if t.applied)
+        if applied in seen:  # a transform that did not apply leaves the model of an earlier recipe
+            idle = ", ".join(t.name for t in done if not t.applied)
+            notes.append(f"{label}: the model of {seen[applied]} ({idle} does not apply), not quantized again")
+            continue
+        seen[applied] = label
         ptq = run_ptq(cfg, progress=progress)
         results = []
         for e in ptq.engines:

@@ -100,12 +100,16 @@ def test_partial_rung_within_its_caps(tiny_run: tuple[Path, Path]) -> None:
     the share cap bounds the layers; every rung records latency, size and seconds in tune.json."""
     run_dir, config = tiny_run
     config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
-                      + '\n[tune]\nrecipes = []\nqat = "off"\nmax_float_share = 0.5\nmax_latency_increase = 0.0\n')
+                      + '\n[tune]\nrecipes = [["bias-correction"], ["equalize", "bias-correction"]]\nqat = "off"\n'
+                      + 'max_float_share = 0.5\nmax_latency_increase = 0.0\n')
     assert main(["tune", "--config", str(config)]) == 1
     tune = json.loads((run_dir / "tune.json").read_text())
     sweep, recipes, partial, qat = tune["rungs"]
-    assert recipes["status"] == qat["status"] == "skipped"
-    for rung in (sweep, partial):
+    assert qat["status"] == "skipped"
+    # equalization does not apply here: its recipe with bias correction is the bias-correction model, not quantized twice
+    assert "equalize+bias-correction: the model of bias-correction (equalize does not apply)" in recipes["detail"]
+    assert sorted(p.name for p in (run_dir / "recipes").iterdir()) == ["bias-correction"]
+    for rung in (sweep, recipes, partial):
         assert rung["latency_ms"] > 0 and rung["size_mb"] > 0 and rung["seconds"] >= 0
     assert len(partial["float_layers"]) <= 2  # half of the tiny model's 4 quantized layers
     detail = partial["detail"]
