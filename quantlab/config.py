@@ -263,10 +263,10 @@ class TuneConfig:
     graph transforms (:mod:`quantlab.transforms`) tried after the calibrator sweep, each with every
     calibrator (an empty list skips the rung).  Partial quantization keeps at
     most ``max_float_layers`` of the most sensitive layers out of INT8 (in FP16 for ``tensorrt``, what
-    TensorRT runs, in FP32 for ``ort-cpu``), at most ``max_float_share`` of the quantized layers
-    (0.05: one layer in twenty), and stops before a step would raise the ``ort-cpu`` engine's batch-1
-    latency by more than ``max_latency_increase`` (0.10: +10%) over the fully quantized engine's (the
-    ``tensorrt`` models are not meant for the CPU: their cap is the share).  ``qat``: ``"auto"`` and ``"on"``
+    TensorRT runs, in FP32 for ``ort-cpu``); for ``tensorrt``, whose models are not meant for the
+    CPU, at most ``max_float_share`` of the quantized layers (0.05: one layer in twenty); for
+    ``ort-cpu`` it stops before a step would raise the engine's batch-1 latency by more than
+    ``max_latency_increase`` (0.10: +10%) over the fully quantized engine's.  ``qat``: ``"auto"`` and ``"on"``
     run quantization-aware training when the earlier rungs miss the tolerance (the PyTorch model when
     the config names one, else the prepared ONNX graph converted to PyTorch), ``"off"`` stops the
     ladder before it.

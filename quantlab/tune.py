@@ -16,10 +16,11 @@ The ladder follows Wu et al. 2020 (arXiv 2004.09602) and NNCF's accuracy control
    step that does not improve the primary metric is undone, until the tolerance holds or a cap is
    reached.  A layer leaves INT8 for what its target would run instead: FP16 for ``tensorrt``
    (TensorRT builds a layer without Q/DQ in FP16, :func:`quantlab.compare.layers.keep_fp16`), FP32 for
-   ``ort-cpu``.  The caps: ``max_float_layers`` layers, ``max_float_share`` of the quantized layers,
-   and for ``ort-cpu`` ``max_latency_increase``: a step whose model, timed in turn with the fully
-   quantized engine at batch 1, is slower by more than that fraction ends the rung before it is
-   kept, and the rung says so.  The Q/DQ rewrite reuses the calibrated scales, so each step costs
+   ``ort-cpu``.  The caps: ``max_float_layers`` layers; for ``tensorrt`` (whose models are not
+   meant for the CPU) ``max_float_share`` of the quantized layers; for ``ort-cpu``
+   ``max_latency_increase``: a step whose model, timed in turn with the fully quantized engine at
+   batch 1, is slower by more than that fraction ends the rung before it is kept, and the rung
+   says so.  The Q/DQ rewrite reuses the calibrated scales, so each step costs
    one evaluation, not a new quantization.
 4. **quantization-aware training** through nvidia-modelopt (:mod:`quantlab.qat`), initialised from
    the best calibrator's ranges, evaluated by the same harness after each epoch, stopping early
@@ -358,14 +359,16 @@ def _partial_rung(ladder: _Ladder, progress: Any) -> None:
         ladder.add(Rung("partial", "skipped", ladder.primary, detail="ort-dynamic has no Q/DQ to keep in float: "
                         "set tune.target = \"ort-cpu\" for partial quantization"), None)
         return
-    if t.max_float_layers == 0 or t.max_float_share == 0:
+    if t.max_float_layers == 0 or (t.max_float_share == 0 and best.target == "tensorrt"):
         ladder.add(Rung("partial", "skipped", ladder.primary,
                         detail="tune.max_float_layers = 0" if t.max_float_layers == 0 else "tune.max_float_share = 0"), None)
         return
-    latency_cap = t.max_latency_increase if best.target == "ort-cpu" else None
+    # ort-cpu engines are timed here: latency is their cap; tensorrt models are not meant for the CPU: the share is
+    timed = best.target == "ort-cpu"
     rung, partial = partial_quantization(ladder.ev, best, t.max_float_layers, out=ladder.ev.run_dir / "int8" /
                                          f"partial.{best.target}.onnx", graph=ladder.graph,
-                                         max_share=t.max_float_share, max_latency_increase=latency_cap)
+                                         max_share=1.0 if timed else t.max_float_share,
+                                         max_latency_increase=t.max_latency_increase if timed else None)
     ladder.add(rung, partial)
 
 

@@ -97,11 +97,11 @@ def test_latency_cap_is_relative_to_the_fully_quantized_engine() -> None:
 
 def test_partial_rung_within_its_caps(tiny_run: tuple[Path, Path]) -> None:
     """ort-cpu: every kept step was timed in turn within max_latency_increase, or the rung says where it stopped;
-    the share cap bounds the layers; every rung records latency, size and seconds in tune.json."""
+    max_float_layers bounds the layers; every rung records latency, size and seconds in tune.json."""
     run_dir, config = tiny_run
     config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
                       + '\n[tune]\nrecipes = [["bias-correction"], ["equalize", "bias-correction"]]\nqat = "off"\n'
-                      + 'max_float_share = 0.5\nmax_latency_increase = 0.0\n')
+                      + 'max_float_layers = 2\nmax_float_share = 0.0\nmax_latency_increase = 0.0\n')
     assert main(["tune", "--config", str(config)]) == 1
     tune = json.loads((run_dir / "tune.json").read_text())
     sweep, recipes, partial, qat = tune["rungs"]
@@ -111,7 +111,7 @@ def test_partial_rung_within_its_caps(tiny_run: tuple[Path, Path]) -> None:
     assert sorted(p.name for p in (run_dir / "recipes").iterdir()) == ["bias-correction"]
     for rung in (sweep, recipes, partial):
         assert rung["latency_ms"] > 0 and rung["size_mb"] > 0 and rung["seconds"] >= 0
-    assert len(partial["float_layers"]) <= 2  # half of the tiny model's 4 quantized layers
+    assert len(partial["float_layers"]) <= 2  # max_float_layers; the share is tensorrt's cap, not ort-cpu's
     detail = partial["detail"]
     stopped = "would exceed tune.max_latency_increase = 0" in detail
     if partial["float_layers"]:
