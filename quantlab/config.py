@@ -299,7 +299,11 @@ class TuneConfig:
     ``target`` is the target whose INT8 engines the ladder works on.  ``recipes`` are the sets of
     graph transforms (:mod:`quantlab.transforms`) tried after the calibrator sweep, each with every
     calibrator (an empty list skips the rung).  Partial quantization keeps at
-    most ``max_float_layers`` of the most sensitive layers in FP32.  ``qat``: ``"auto"`` and ``"on"``
+    most ``max_float_layers`` of the most sensitive layers out of INT8 (in FP16 for ``tensorrt``, what
+    TensorRT runs, in FP32 for ``ort-cpu``); for ``tensorrt``, whose models are not meant for the
+    CPU, at most ``max_float_share`` of the quantized layers (0.05: one layer in twenty); for
+    ``ort-cpu`` it stops before a step would raise the engine's batch-1 latency by more than
+    ``max_latency_increase`` (0.10: +10%) over the fully quantized engine's.  ``qat``: ``"auto"`` and ``"on"``
     run quantization-aware training when the earlier rungs miss the tolerance (the PyTorch model when
     the config names one, else the prepared ONNX graph converted to PyTorch), ``"off"`` stops the
     ladder before it.
@@ -307,6 +311,8 @@ class TuneConfig:
 
     target: str = "ort-cpu"
     max_float_layers: int = 8
+    max_float_share: float = 0.05
+    max_latency_increase: float = 0.10
     qat: str = "auto"
     recipes: tuple[tuple[str, ...], ...] = (
         ("equalize",), ("smoothquant",), ("bias-correction",), ("equalize", "bias-correction"),
@@ -322,6 +328,10 @@ class TuneConfig:
                 _one_of(t, TRANSFORM_NAMES, "transform in tune.recipes")
         _one_of(self.qat, ("auto", "on", "off"), "tune.qat")
         check(self.max_float_layers >= 0, f"tune.max_float_layers must be >= 0, got {self.max_float_layers}")
+        check(isinstance(self.max_float_share, (int, float)) and 0 <= self.max_float_share <= 1,
+              f"tune.max_float_share must be a fraction in [0, 1] (0.05: one quantized layer in twenty), got {self.max_float_share!r}")
+        check(isinstance(self.max_latency_increase, (int, float)) and self.max_latency_increase >= 0,
+              f"tune.max_latency_increase must be a fraction >= 0 (0.10: +10% batch-1 latency), got {self.max_latency_increase!r}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.C
     run_dir, config = tiny_run
     # top-1 agreement of 1.01 cannot be met: every rung runs and fails; QAT trains the converted ONNX graph
     config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
-                      + '\n[tune]\nmax_float_layers = 2\nrecipes = [["equalize"], ["smoothquant", "bias-correction"]]\n'
+                      + '\n[tune]\nmax_float_layers = 2\nmax_float_share = 1.0\nrecipes = [["equalize"], ["smoothquant", "bias-correction"]]\n'
                       + "[qat]\nepochs = 1\ncalib_batches = 1\n")
     assert main(["tune", "--config", str(config)]) == 1
     out = capsys.readouterr().out
@@ -30,6 +30,8 @@ def test_ladder_records_every_rung(tiny_run: tuple[Path, Path], capsys: pytest.C
     assert partial["status"] == "fail" and len(partial["float_layers"]) <= 2
     assert qat["status"] == "fail" and "onnx graph" in qat["detail"] and qat["engine"] == "int8:qat.tensorrt"
     assert tune["ok"] is False and tune["final_engine"] is None
+    for rung in tune["rungs"]:  # each rung's engine: batch-1 latency, size; the rung's seconds
+        assert rung["latency_ms"] > 0 and rung["size_mb"] > 0 and rung["seconds"] > 0, rung["rung"]
     manifest = {a["path"]: a["kind"] for a in json.loads((run_dir / "manifest.json").read_text())["artefacts"]}
     assert manifest["tune.json"] == "tune" and manifest["int8/qat.tensorrt.onnx"] == "model-int8-qdq"
     if partial["float_layers"]:  # a kept step leaves its model in the run, listed and evaluated
@@ -55,6 +57,8 @@ def test_passing_tolerance_stops_at_the_first_rung(tiny_run: tuple[Path, Path], 
         (lambda t: t.replace("top1_agreement = 0.5", ""), "quantlab tune needs a tolerance"),
         (lambda t: t + '\n[tune]\ntarget = "tpu"\n', "unknown tune.target 'tpu'"),
         (lambda t: t + '\n[tune]\nrecipes = [["gptq"]]\n', "unknown transform in tune.recipes 'gptq'"),
+        (lambda t: t + '\n[tune]\nmax_float_share = 5\n', "tune.max_float_share must be a fraction in [0, 1]"),
+        (lambda t: t + '\n[tune]\nmax_latency_increase = -0.1\n', "tune.max_latency_increase must be a fraction >= 0"),
     ],
 )
 def test_tune_user_errors_write_nothing(tiny_run, edit, message, capsys) -> None:
@@ -79,3 +83,61 @@ def test_an_engine_within_tolerance_beats_a_tie_on_the_primary_metric() -> None:
     louder, within = engine("int8:a", 25.0, False), engine("int8:b", 20.0, True)
     assert _pick([louder, within], "top1") is within
     assert _pick([louder, engine("int8:c", 20.0, False)], "top1") is louder  # then SQNR
+
+
+def test_latency_cap_is_relative_to_the_fully_quantized_engine() -> None:
+    from quantlab.tune import latency_exceeded
+
+    assert latency_exceeded("conv", 31.9, 35.0, 0.10) == ""
+    why = latency_exceeded("conv", 31.9, 46.0, 0.10)
+    assert why.startswith("stopped before conv: batch-1 latency 31.90 -> 46.00 ms (+44%")
+    assert "tune.max_latency_increase = 0.1" in why
+    assert latency_exceeded("conv", 10.0, 10.0, 0.0) == "" and latency_exceeded("conv", 10.0, 10.01, 0.0)
+
+
+def test_partial_rung_within_its_caps(tiny_run: tuple[Path, Path]) -> None:
+    """ort-cpu: every kept step was timed in turn within max_latency_increase, or the rung says where it stopped;
+    max_float_layers bounds the layers; every rung records latency, size and seconds in tune.json."""
+    run_dir, config = tiny_run
+    config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
+                      + '\n[tune]\nrecipes = [["bias-correction"], ["equalize", "bias-correction"]]\nqat = "off"\n'
+                      + 'max_float_layers = 2\nmax_float_share = 0.0\nmax_latency_increase = 0.0\n')
+    assert main(["tune", "--config", str(config)]) == 1
+    tune = json.loads((run_dir / "tune.json").read_text())
+    sweep, recipes, partial, qat = tune["rungs"]
+    assert qat["status"] == "skipped"
+    # equalization does not apply here: its recipe with bias correction is the bias-correction model, not quantized twice
+    assert "equalize+bias-correction: the model of bias-correction (equalize does not apply)" in recipes["detail"]
+    assert sorted(p.name for p in (run_dir / "recipes").iterdir()) == ["bias-correction"]
+    for rung in (sweep, recipes, partial):
+        assert rung["latency_ms"] > 0 and rung["size_mb"] > 0 and rung["seconds"] >= 0
+    assert len(partial["float_layers"]) <= 2  # max_float_layers; the share is tensorrt's cap, not ort-cpu's
+    detail = partial["detail"]
+    stopped = "would exceed tune.max_latency_increase = 0" in detail
+    if partial["float_layers"]:
+        # "(base -> candidate ms timed in turn)": the last kept step was no slower than the INT8 engine
+        timed = detail.split(" ms timed in turn)")[0].rsplit("(", 1)[1]
+        base, candidate = (float(x) for x in timed.split(" -> "))
+        assert candidate <= base
+    else:
+        assert stopped or "stopped at the cap" in detail or "improved" in detail
+    report = (run_dir / "summary.md").read_text()
+    assert "batch-1 ms" in report
+
+
+def test_partial_rung_for_tensorrt_keeps_fp16(tiny_run: tuple[Path, Path]) -> None:
+    import onnx
+
+    run_dir, config = tiny_run
+    config.write_text(config.read_text().replace("top1_agreement = 0.5", "top1_agreement = { min = 1.01 }")
+                      + '\n[tune]\ntarget = "tensorrt"\nrecipes = []\nqat = "off"\nmax_float_share = 0.25\n')
+    assert main(["tune", "--config", str(config)]) == 1
+    partial = json.loads((run_dir / "tune.json").read_text())["rungs"][2]
+    assert len(partial["float_layers"]) <= 1  # a quarter of 4 quantized layers
+    if partial["float_layers"]:
+        assert "kept in FP16" in partial["detail"]
+        model = onnx.load(str(run_dir / "int8" / "partial.tensorrt.onnx"))
+        (node,) = [n for n in model.graph.node if n.name == partial["float_layers"][0]]
+        assert all(x.endswith("::fp16") for x in node.input if x)
+    else:
+        assert "in FP16 improved" in partial["detail"]

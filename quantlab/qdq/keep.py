@@ -10,14 +10,17 @@ keeping the INT8 model's order wherever it is valid.  Keeping every layer gives 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import helper
 
 from quantlab.errors import check
 from quantlab.onnxgraph import (
-    ModelLike, check_topological, clone, copy_node, load_model, rename_tensor, renamed_initializer, stable_toposort,
+    ModelLike, check_topological, clone, copy_node, load_model, node_key, rename_tensor, renamed_initializer,
+    stable_toposort,
 )
 from quantlab.qdq.pair import QDQ_OPS, QdqPair
 
@@ -121,5 +124,121 @@ def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any
         taken = {x for n in graph.node for x in (*n.input, *n.output)} | {i.name for i in graph.initializer}
         if name not in taken and name not in io and alias in taken:
             rename_tensor(graph.node, graph, alias, name)
+    check_topological(graph)
+    return model
+
+
+_HALF = "::fp16"  # suffix of the FP16 copies keep_fp16 makes
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def _fp16_slots(node: onnx.NodeProto, opset: int) -> tuple[set[int], set[int]]:
+    """Positions of ``node``'s inputs and outputs whose type constraint admits ``tensor(float16)``.
+
+    Only those may change from float32 to float16: a ``Resize`` keeps its float32 ``scales``, a
+    ``LayerNormalization`` its float32 ``Mean`` output, an integer ``shape`` input is never float.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return set(), set()
+    allowed = {c.type_param_str for c in schema.type_constraints if "tensor(float16)" in c.allowed_type_strs}
+    allowed.add("tensor(float16)")
+
+    def slots(formal: Sequence[Any], count: int) -> set[int]:
+        out: set[int] = set()
+        for k in range(count):
+            f = formal[min(k, len(formal) - 1)] if formal else None  # a variadic last input repeats
+            if f is not None and f.type_str in allowed:
+                out.add(k)
+        return out
+
+    return slots(schema.inputs, len(node.input)), slots(schema.outputs, len(node.output))
+
+
+def keep_fp16(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any]) -> onnx.ModelProto:
+    """A copy of ``int8_model`` in which the named quantized layers compute in FP16, as TensorRT runs them.
+
+    TensorRT builds a layer whose Q/DQ were removed in FP16 when FP16 is enabled (a strongly typed
+    network: in the precision the ONNX graph states), not in FP32.  So a layer kept out of INT8 for
+    the ``tensorrt`` target is written the way TensorRT would compute it: :func:`keep_float` removes
+    its Q/DQ, then every float32 input the operator admits in float16 becomes float16 (weights and
+    other initializers stored as float16, clipped to +-65504; activations through ``Cast(to=FLOAT16)``)
+    and every float output is cast back (``Cast(to=FLOAT)``) under its old name, so the rest of the
+    graph is unchanged.  Two kept layers in a row pass float16 directly, without a round trip.
+
+    Worked example: a ``MatMul(x, W)`` kept in FP16 becomes ``Cast(x) -> x::fp16``,
+    ``MatMul(x::fp16, W::fp16) -> y::fp16``, ``Cast(y::fp16) -> y``; the rounding of ``x`` and ``W`` to
+    11 significant bits (relative error <= 2^-11) is what TensorRT's FP16 layer adds to FP32.  ONNX
+    Runtime's CPU provider evaluates the same graph (operators without an FP16 CPU kernel run in FP32
+    between casts it inserts, so inputs and outputs are rounded exactly as written, the accumulation is
+    FP32 as on TensorRT's tensor cores).
+    """
+    int8 = load_model(int8_model, "INT8")
+    fp32 = load_model(fp32_model, "FP32")
+    wanted = {layer.name for layer in QdqPair(int8, fp32).find(list(nodes))}
+    model = keep_float(int8, fp32, wanted)
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    inits = {i.name: i for i in graph.initializer}
+    types.update({name: i.data_type for name, i in inits.items()})
+    used = {x for n in graph.node for x in (*n.input, *n.output)} | set(inits)
+
+    def fresh(name: str) -> str:
+        new = name + _HALF
+        while new in used:
+            new += "'"
+        used.add(new)
+        return new
+
+    half: dict[str, str] = {}  # float32 tensor -> its float16 copy
+    back_casts: set[str] = set()  # float32 outputs recovered by a Cast from float16
+    new_inits: list[onnx.TensorProto] = []
+    merged: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node_key(node) not in wanted:
+            merged.append(node)
+            continue
+        ins, outs = _fp16_slots(node, opset)
+        for k in sorted(ins):
+            x = node.input[k]
+            if not x or types.get(x) != F32:
+                continue
+            if x not in half:
+                half[x] = fresh(x)
+                if x in inits:
+                    w = onnx.numpy_helper.to_array(inits[x])
+                    w16 = np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16)
+                    new_inits.append(onnx.numpy_helper.from_array(w16, half[x]))
+                else:
+                    merged.append(helper.make_node("Cast", [x], [half[x]], name=half[x], to=F16))
+            node.input[k] = half[x]
+        back = []
+        for k in sorted(outs):
+            y = node.output[k]
+            if not y or types.get(y) != F32:
+                continue
+            half[y] = fresh(y)
+            node.output[k] = half[y]
+            back_casts.add(y)
+            back.append(helper.make_node("Cast", [half[y]], [y], name=half[y] + "->fp32", to=F32))
+        merged += [node, *back]
+    outputs = {o.name for o in graph.output}
+    read = {x for n in merged for x in n.input} | outputs
+    merged = [n for n in merged if n.output[0] not in back_casts or n.output[0] in read]  # no FP32 reader left
+    read = {x for n in merged for x in n.input} | outputs
+    kept_inits = [clone(i) for i in (*graph.initializer, *new_inits) if i.name in read]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept_inits)
+    graph.ClearField("node")
+    graph.node.extend(merged)
+    defined = {x for n in merged for x in n.output}
+    info = [clone(v) for v in graph.value_info if v.name in defined]
+    graph.ClearField("value_info")
+    graph.value_info.extend(info)
     check_topological(graph)
     return model

@@ -387,11 +387,13 @@ def _tune(report: dict[str, Any]) -> str:
         body += (f'<tr><td class="n">{i}</td><td>{escape(str(r.get("rung")))}</td><td class="{cls}">{escape(str(status))}</td>'
                  f'<td>{escape(str(r.get("metric")))}</td><td class="n">{_fmt(r.get("value"))}</td>'
                  f'<td class="n">{_fmt(r.get("reference"))}</td><td>{escape(str(r.get("engine") or "–"))}</td>'
-                 f'<td class="t">{escape(floats)}</td><td>{escape(str(r.get("detail") or ""))}</td></tr>')
+                 f'<td class="t">{escape(floats)}</td><td class="n">{_fmt(r.get("latency_ms"))}</td>'
+                 f'<td class="n">{_fmt(r.get("size_mb"))}</td><td class="n">{_fmt(r.get("seconds"))}</td>'
+                 f'<td>{escape(str(r.get("detail") or ""))}</td></tr>')
     return (f'<h2 id="tune">Escalation</h2><p>The ladder {ok}; final engine: '
             f'<b>{escape(str(tune.get("final_engine") or "none"))}</b>.</p>'
             '<div class="scroll"><table id="tune-table"><tr><th class="n">step</th><th>rung</th><th>status</th><th>metric</th>'
-            '<th class="n">value</th><th class="n">reference</th><th>engine</th><th>layers kept in float</th><th>detail</th></tr>'
+            '<th class="n">value</th><th class="n">reference</th><th>engine</th><th>layers kept in float</th><th class="n">batch-1 ms</th><th class="n">MB</th><th class="n">s</th><th>detail</th></tr>'
             f"{body}</table></div>")
 
 

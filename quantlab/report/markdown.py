@@ -109,10 +109,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if tune:
         out += ["", f"## Escalation: {'passed' if tune.get('ok') else 'did not pass'}, final engine "
                     f"{tune.get('final_engine') or 'none'}", ""]
-        out += _table(["rung", "status", "metric", "value", "reference", "engine", "float layers", "detail"],
+        out += _table(["rung", "status", "metric", "value", "reference", "engine", "float layers", "batch-1 ms", "MB", "s",
+                       "detail"],
                       [[_v(x.get("rung")), _v(x.get("status")), _v(x.get("metric")), _v(x.get("value")), _v(x.get("reference")),
-                        _v(x.get("engine")), _v(", ".join(x.get("float_layers") or []) or None), _v(x.get("detail"))]
-                       for x in tune.get("rungs") or []], {3, 4})
+                        _v(x.get("engine")), _v(", ".join(x.get("float_layers") or []) or None), _v(x.get("latency_ms")),
+                        _v(x.get("size_mb")), _v(x.get("seconds")), _v(x.get("detail"))]
+                       for x in tune.get("rungs") or []], {3, 4, 7, 8, 9})
     qat = report.get("qat")
     if qat and qat.get("metrics"):
         out += ["", f"## QAT: {qat.get('primary')} from {_v(qat.get('start'))} ({qat.get('start_engine')}) to "
