@@ -73,7 +73,7 @@ class Rung:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["seconds"] = round(self.seconds, 1)
+        d["seconds"] = round(self.seconds, 3)
         return d
 
     def measured(self, e: EngineResult | None) -> Rung:
