@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from quantlab.compare.metrics import matched_pairs
+from quantlab.compare.metrics import load_callable, matched_pairs
 from quantlab.data import ImageInfo
 from quantlab.errors import QuantlabError, check
 
@@ -62,15 +61,7 @@ class Detections:
 
 def load_decoder(spec: str) -> Decoder:
     """The callable ``module:function`` named by ``compare.postprocess``."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except ImportError as exc:
-        raise QuantlabError(f"cannot import the decoder module '{module}' ({exc}): check compare.postprocess") from None
-    except AttributeError:
-        raise QuantlabError(f"module '{module}' has no function '{name}': check compare.postprocess") from None
-    check(callable(fn), f"compare.postprocess '{spec}' is not callable: name a function")
-    return fn
+    return load_callable(spec, "decoder", "compare.postprocess")
 
 
 def check_class_count(info: ImageInfo, found: int, expected: int, what: str) -> None:

@@ -341,14 +341,19 @@ def load_user_metric(spec: str) -> UserMetric:
     It is called as ``f(reference, outputs, labels)`` with dicts of output name to array (all
     samples) and the label array or ``None``, and returns a number or a dict of name to number.
     """
+    return load_callable(spec, "metric", "compare.metric")
+
+
+def load_callable(spec: str, what: str, setting: str) -> Callable[..., Any]:
+    """The function ``module:function`` that ``setting`` names (a ``what``: metric, decoder); one-line errors."""
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except ImportError as exc:
-        raise QuantlabError(f"cannot import the metric module '{module}' ({exc}): check compare.metric") from None
+        raise QuantlabError(f"cannot import the {what} module '{module}' ({exc}): check {setting}") from None
     except AttributeError:
-        raise QuantlabError(f"module '{module}' has no function '{name}': check compare.metric") from None
-    check(callable(fn), f"compare.metric '{spec}' is not callable: name a function")
+        raise QuantlabError(f"module '{module}' has no function '{name}': check {setting}") from None
+    check(callable(fn), f"{setting} '{spec}' is not callable: name a function")
     return fn
 
 
