@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the best tensorrt engine of compare.json, else the first configured)")
     p.add_argument("--source", choices=["auto", "pytorch", "onnx"], help="train the PyTorch model or the converted ONNX graph")
     p.add_argument("--lr", type=float, help="learning rate at the start of the cosine schedule (default: [qat] lr)")
-    p.add_argument("--learn-ranges", choices=["off", "activations", "all"],
+    p.add_argument("--learn-ranges", choices=["auto", "off", "activations", "all"],
                    help="train the quantizers' ranges too (LSQ; onnx source; default: [qat] learn_ranges)")
     p.set_defaults(func=cmd_qat, model=None)
     p = sub.add_parser("gate", help="CI accuracy gate: tolerance and baseline; exit 0 pass, 1 fail, 2 user error")

@@ -460,10 +460,10 @@ def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train:
     calibrate_fallback(model, quant, (
         _tensors(_split(b)[0], names, device) for i, b in zip(range(config.qat.calib_batches), train)
     ))
-    if config.qat.learn_ranges != "off":
+    if range_mode(config.qat, "onnx") != "off":
         from quantlab.qat.ranges import learn_ranges
 
-        learn_ranges(model, quant, weights=config.qat.learn_ranges == "all")
+        learn_ranges(model, quant, weights=range_mode(config.qat, "onnx") == "all")
 
     def export(example: list[Any], path: Path) -> None:
         proto = export_qdq(model, fp32, plan, quant)
@@ -475,12 +475,19 @@ def _onnx_student(config: Config, amax: Mapping[str, float], device: str, train:
                     {"cosine": round(worst_cos, 8), "max_abs": float(f"{worst_abs:.4g}")})
 
 
+def range_mode(qc: Any, source: str) -> str:
+    """What ``[qat] learn_ranges`` means for ``source``: ``auto`` is ``activations`` for ``onnx``, else ``off``."""
+    if qc.learn_ranges == "auto":
+        return "activations" if source == "onnx" else "off"
+    return qc.learn_ranges
+
+
 def qat_source(config: Config) -> str:
     """``pytorch`` or ``onnx``: which network :func:`run_qat` trains for this config."""
     qc, mc = config.qat, config.model
     if qc.source == "pytorch" or (qc.source == "auto" and mc.pytorch):
         check(bool(mc.pytorch), "QAT needs the PyTorch model: set [model] pytorch = 'module:factory'")
-        check(qc.learn_ranges == "off", f"qat.learn_ranges = '{qc.learn_ranges}' needs the onnx source: "
+        check(qc.learn_ranges in ("auto", "off"), f"qat.learn_ranges = '{qc.learn_ranges}' needs the onnx source: "
               "set [qat] source = 'onnx' (or learn_ranges = 'off')")
         return "pytorch"
     check(bool(mc.onnx or mc.pytorch), "QAT needs a model: set [model] onnx or pytorch in quantlab.toml")
@@ -599,7 +606,8 @@ def run_qat(
         source=student.source, stop=loop.stop,
         best_epoch=best.epoch if best is not None else len(loop.losses),
         epoch_seconds=[round(v, 3) for v in loop.epoch_seconds], conversion=student.conversion,
-        ranges={"mode": qc.learn_ranges, **(range_summary(student.model) if qc.learn_ranges != "off" else {})},
+        ranges={"mode": range_mode(qc, student.source),
+                **(range_summary(student.model) if range_mode(qc, student.source) != "off" else {})},
     )
 
 

@@ -75,3 +75,13 @@ def test_learned_ranges_need_the_onnx_source(tmp_path, tiny_run):
     with pytest.raises(QuantlabError, match="learn_ranges = 'activations' needs the onnx source"):
         run_qat(config, amax={}, out=tmp_path / "m.onnx", train=[_feed()])
     assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("setting, source, mode", [
+    ("auto", "onnx", "activations"), ("auto", "pytorch", "off"), ("all", "onnx", "all"), ("off", "onnx", "off"),
+])
+def test_auto_learns_activation_ranges_only_where_the_source_can(setting, source, mode):
+    from quantlab.config import QatConfig
+    from quantlab.qat.train import range_mode
+
+    assert range_mode(QatConfig(learn_ranges=setting), source) == mode
