@@ -44,7 +44,8 @@ from typing import Any
 
 from quantlab.artefacts import Artefact, dumps_json, write_text
 from quantlab.compare.harness import (
-    CompareResult, EngineResult, EngineSpec, Evaluator, analyse_layers, rank_engines, read_manifest, write_results,
+    CompareResult, EngineResult, EngineSpec, Evaluator, analyse_layers, feed_of_size, pooled, rank_engines,
+    read_manifest, write_results,
 )
 from quantlab.compare.metrics import higher_is_better
 from quantlab.config import Config, override
@@ -152,9 +153,7 @@ def paired_latency(ev: Evaluator, a: Path, b: Path, runs: int) -> tuple[float, f
 
     c = ev.config.compare
     runners = [make_runner(c.backend, p, p.stem, max_batch=ev.max_batch) for p in (a, b)]
-    size = ev.fixed_batch or 1
-    pool = {k: np.concatenate([x[k] for x in ev.data.batches], axis=0) for k in ev.data.batches[0]}
-    feed = {k: np.ascontiguousarray(v[np.arange(size) % v.shape[0]]) for k, v in pool.items()}
+    feed = feed_of_size(pooled(ev.data.batches), ev.fixed_batch or 1)
     times: list[list[float]] = [[], []]
     for i in range(max(runs, 1) + 1):
         for k, runner in enumerate(runners):

@@ -173,21 +173,30 @@ def tiny_run(tmp_path: Path, _tiny_run_template: Path) -> tuple[Path, Path]:
     return root / "reports" / "tiny", config
 
 
+def prepared_with_stats(folder: Path, graph: onnx.GraphProto, name: str, input_name: str,
+                        shape: tuple[int, ...], batches: int, seed: int):
+    """``(prepared model, statistics, generator)``: ``graph`` saved as ``folder/name``, prepared under a
+    cache inside ``folder`` (never the user's), its statistics over ``batches`` seeded standard-normal
+    batches of ``shape``; the generator goes on from there for further draws."""
+    from quantlab.collect import collect_stats
+    from quantlab.model import prepare_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
+        pm = prepare_model(save_model(graph, folder / name))
+    g = np.random.default_rng(seed)
+    calib = [{input_name: g.standard_normal(shape).astype(np.float32)} for _ in range(batches)]
+    return pm, collect_stats(pm, calib), g
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """The prepared tiny conv net and its minmax Q/DQ model for each target, plus three seeded batches."""
     from quantlab.calibrators import get_calibrator
-    from quantlab.collect import collect_stats
-    from quantlab.model import prepare_model
     from quantlab.qdq.targets import TARGETS, compute_ranges, write_qdq_model
 
     folder = tmp_path_factory.mktemp("layers")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
-        pm = prepare_model(save_model(conv_net(), folder / "tiny.onnx"))
-    g = np.random.default_rng(0)
-    calib = [{"input": g.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
-    stats = collect_stats(pm, calib)
+    pm, stats, _ = prepared_with_stats(folder, conv_net(), "tiny.onnx", "input", (4, 3, 8, 8), 5, 0)
     models = {}
     for name, target in TARGETS.items():
         out = folder / f"{name}.onnx"

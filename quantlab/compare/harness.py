@@ -240,6 +240,17 @@ def latency_sizes(batch_sizes: tuple[int, ...], fixed_batch: int | None) -> tupl
     return (fixed_batch,) if fixed_batch is not None else tuple(batch_sizes)
 
 
+def pooled(batches: list[Feed]) -> Feed:
+    """The evaluation batches joined along the batch axis, one array per input."""
+    return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
+
+
+def feed_of_size(pool: Feed, size: int) -> Feed:
+    """A feed of ``size`` samples from ``pool`` (its first ones, cycling when it holds fewer)."""
+    idx = np.arange(size) % next(iter(pool.values())).shape[0]
+    return {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
+
+
 def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...], runs: int, warmup: int,
                fixed_batch: int | None) -> dict[str, dict[str, float]]:
     """Median and p90 in ms and throughput in samples/s per batch size.
@@ -249,12 +260,10 @@ def latency_of(runner: Runner, batches: list[Feed], batch_sizes: tuple[int, ...]
     """
     if runs <= 0:
         return {}
-    pool = {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
-    total = next(iter(pool.values())).shape[0]
+    pool = pooled(batches)
     result: dict[str, dict[str, float]] = {}
     for b in latency_sizes(batch_sizes, fixed_batch):
-        idx = np.arange(b) % total
-        feed = {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
+        feed = feed_of_size(pool, b)
         ms = time_runs(lambda: runner.run(feed), warmup=warmup, max_runs=runs, budget_s=BUDGET_S) * 1000.0
         median = float(np.median(ms))
         result[str(b)] = {

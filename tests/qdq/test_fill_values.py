@@ -11,12 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.calibrators import get_calibrator
 from quantlab.cli import main
-from quantlab.collect import collect_stats, ort_session
-from quantlab.model import prepare_model
+from quantlab.collect import ort_session
 from quantlab.qdq.targets import TARGETS, compute_ranges, fill_value_tensors, float_nodes, write_qdq_model
 from quantlab.stats import StatsSet
 
-from conftest import save_model, tiny_config_text
+from conftest import prepared_with_stats, save_model, tiny_config_text
 
 FLT_MIN = float(np.finfo(np.float32).min)
 
@@ -54,12 +53,8 @@ def attention_net() -> onnx.GraphProto:
 @pytest.fixture(scope="module")
 def attention(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fill")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
-        pm = prepare_model(save_model(attention_net(), folder / "attention.onnx"))
-    g = np.random.default_rng(4)
-    calib = [{"x": g.standard_normal((4, 6, 8)).astype(np.float32)} for _ in range(4)]
-    return folder, pm, collect_stats(pm, calib), {"x": g.standard_normal((8, 6, 8)).astype(np.float32)}
+    pm, stats, g = prepared_with_stats(folder, attention_net(), "attention.onnx", "x", (4, 6, 8), 4, 4)
+    return folder, pm, stats, {"x": g.standard_normal((8, 6, 8)).astype(np.float32)}
 
 
 def test_fill_value_tensors_and_their_nodes_are_found(attention):

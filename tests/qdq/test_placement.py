@@ -18,7 +18,7 @@ from quantlab.qdq.lint import lint_tensorrt
 from quantlab.qdq.placement import plan_placement
 from quantlab.qdq.targets import TARGETS, compute_ranges, plan_rewrite, write_qdq_model
 
-from conftest import save_model, tiny_config_text, write_tiny_calib
+from conftest import prepared_with_stats, save_model, tiny_config_text, write_tiny_calib
 
 
 def encoder_block(seed: int = 0, d: int = 16) -> onnx.GraphProto:
@@ -81,12 +81,8 @@ def two_conv_add() -> onnx.GraphProto:
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("encoder")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLAB_CACHE", str(folder / "cache"))
-        pm = prepare_model(save_model(encoder_block(), folder / "encoder.onnx"))
-    g = np.random.default_rng(4)
-    calib = [{"x": g.standard_normal((4, 6, 16)).astype(np.float32)} for _ in range(4)]
-    return folder, pm, collect_stats(pm, calib), {"x": g.standard_normal((8, 6, 16)).astype(np.float32)}
+    pm, stats, g = prepared_with_stats(folder, encoder_block(), "encoder.onnx", "x", (4, 6, 16), 4, 4)
+    return folder, pm, stats, {"x": g.standard_normal((8, 6, 16)).astype(np.float32)}
 
 
 def _quantized_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
