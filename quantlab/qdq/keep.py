@@ -22,7 +22,7 @@ from quantlab.onnxgraph import (
     ModelLike, check_topological, clone, copy_node, load_model, node_key, rename_tensor, renamed_initializer,
     stable_toposort,
 )
-from quantlab.qdq.pair import QDQ_OPS, QdqPair
+from quantlab.qdq.pair import QDQ_OPS, QdqPair, QuantizedLayer
 
 
 def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any]) -> onnx.ModelProto:
@@ -33,7 +33,11 @@ def keep_float(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any
     the module docstring for what changes; the result passes ``onnx.checker`` and loads in ONNX Runtime.
     """
     pair = QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
-    chosen = pair.find(list(nodes))
+    return _keep_float(pair, pair.find(list(nodes)))
+
+
+def _keep_float(pair: QdqPair, chosen: list[QuantizedLayer]) -> onnx.ModelProto:
+    """:func:`keep_float` of the ``chosen`` layers of ``pair``."""
     model = onnx.ModelProto()
     model.CopyFrom(pair.q)
     graph = model.graph
@@ -174,10 +178,10 @@ def keep_fp16(int8_model: ModelLike, fp32_model: ModelLike, nodes: Iterable[Any]
     between casts it inserts, so inputs and outputs are rounded exactly as written, the accumulation is
     FP32 as on TensorRT's tensor cores).
     """
-    int8 = load_model(int8_model, "INT8")
-    fp32 = load_model(fp32_model, "FP32")
-    wanted = {layer.name for layer in QdqPair(int8, fp32).find(list(nodes))}
-    model = keep_float(int8, fp32, wanted)
+    pair = QdqPair(load_model(int8_model, "INT8"), load_model(fp32_model, "FP32"))
+    chosen = pair.find(list(nodes))
+    wanted = {layer.name for layer in chosen}
+    model = _keep_float(pair, chosen)
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     inferred = onnx.shape_inference.infer_shapes(model)
