@@ -17,6 +17,11 @@ Training data (``--data``):
   up-down, both: 64 tiles, 76 photographs);
 * ``dihedral``: images only: those four and their transposes (the 8 symmetries of the square: 128
   tiles, 152 photographs).
+* ``mixed``: detector only: ``more`` plus other kinds of image the detector meets: 4 tiles of each
+  rendered book page of the layout model's calibration folder (The Rust Programming Language at
+  1.5x, 64 tiles) and scikit-image's bundled photographs except the two the evaluation folder uses
+  (``page.png``, ``text.png``), scaled and centre-cropped to 512 (JPEG, quality 95; needs
+  scikit-image, so build it where it is installed and pass the folder with ``--data-dir``).
   Distillation needs no labels, only inputs like the deployment's, so more unlabelled text or
   mirrored text is enough; the evaluation data stays disjoint from it.
 
@@ -25,6 +30,10 @@ Training data (``--data``):
         --task dense --primary iou --tolerance '{"iou": {"min": 0.95}}' --learn-ranges activations --range-lr 1e-2
     python benchmarks/qat_gpu.py --model lite0 --calibrator minmax --data more --primary top1_agreement \
         --tolerance '{}' --eval DIR
+    python benchmarks/qat_gpu.py --model detector --data mixed --build-only --work W   # then --data-dir W/train-data
+
+``--exclude NODE ...`` keeps those nodes out of INT8 (``[ptq] exclude``): partial quantization, then
+QAT of the rest (the quantizers follow the PTQ model's Q/DQ).
 
 ``--tolerance`` replaces the config's ``[tolerance]`` (JSON; ``{}``: train until the plateau);
 ``--task dense`` scores the detector's thresholded probability map alone (pixel IoU), for a machine
@@ -106,6 +115,35 @@ def images_mirrored(folder: Path, config, transposed: bool = False) -> int:
     return n
 
 
+def images_mixed(folder: Path, config) -> int:
+    """``more`` plus tiles of rendered book pages and scikit-image's photographs (see the module docstring)."""
+    from PIL import Image
+
+    n = images_mirrored(folder, config)
+    pages = sorted((ROOT / "quantlab/models/layout-cdla/calib").glob("*.jpg"))
+    for f in pages:
+        img = Image.open(f).convert("RGB")
+        img = img.resize((round(img.width * 1.5), round(img.height * 1.5)), Image.Resampling.LANCZOS)
+        for i, (x, y) in enumerate([(0, 0), (img.width - 512, 0), (0, img.height - 512),
+                                    (img.width - 512, img.height - 512)]):
+            img.crop((x, y, x + 512, y + 512)).save(folder / f"page-{f.stem}-{i}.jpg", quality=95)
+            n += 1
+    import skimage
+
+    held_out = {p.name for p in config.resolve(config.compare.eval).iterdir()}
+    for f in sorted((Path(skimage.__file__).parent / "data").iterdir()):
+        if f.suffix not in (".png", ".jpg") or f.stem in ("page", "text") or f.name in held_out:
+            continue
+        img = Image.open(f).convert("RGB")
+        scale = 512 / min(img.size)
+        img = img.resize((max(512, round(img.width * scale)), max(512, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+        x, y = (img.width - 512) // 2, (img.height - 512) // 2
+        img.crop((x, y, x + 512, y + 512)).save(folder / f"photo-{f.stem}.jpg", quality=95)
+        n += 1
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(CONFIGS), required=True)
@@ -115,7 +153,10 @@ def main() -> int:
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--data", choices=["calib", "more", "dihedral"], default="calib")
+    ap.add_argument("--data", choices=["calib", "more", "dihedral", "mixed"], default="calib")
+    ap.add_argument("--data-dir", help="a training folder built before (e.g. by --data mixed --build-only)")
+    ap.add_argument("--build-only", action="store_true", help="build the --data folder and stop")
+    ap.add_argument("--exclude", nargs="*", default=[], help="nodes kept in float: partial quantization + QAT")
     ap.add_argument("--source", choices=["onnx", "pytorch"], default="onnx")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--onnx", help="the model's ONNX file, when its package is not installed (detector)")
@@ -141,7 +182,7 @@ def main() -> int:
         config = override(config, "model", onnx=str(Path(args.onnx).resolve()))
     config = override(config, "ptq", calibrators=(args.calibrator,), targets=("tensorrt",), out=str(work),
                       run_name=f"{args.model}-{args.calibrator}-{args.data}-{args.lr:g}-{args.learn_ranges}-{args.range_lr:g}",
-                      report=False, latency_runs=0)
+                      report=False, latency_runs=0, exclude=tuple(config.ptq.exclude) + tuple(args.exclude))
     config = override(config, "compare", latency_runs=0, layers=False, primary=args.primary, task=args.task)
     if args.eval:
         folder = str(Path(args.eval).resolve())
@@ -149,14 +190,20 @@ def main() -> int:
     if args.tolerance is not None:
         config = dataclasses.replace(config, tolerance=json.loads(args.tolerance))
     data = None
-    if args.data in ("more", "dihedral"):
+    if args.data_dir:
+        data = str(Path(args.data_dir).resolve())
+    elif args.data in ("more", "dihedral", "mixed"):
         folder = work / "train-data"
         if args.model == "minilm":
             n = minilm_extra(folder, config)
+        elif args.data == "mixed":
+            n = images_mixed(folder, config)
         else:
             n = images_mirrored(folder, config, transposed=args.data == "dihedral")
         print(f"training data: {n} samples in {folder}", flush=True)
         data = str(folder)
+    if args.build_only:
+        return 0
     config = override(config, "qat", epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, patience=args.patience,
                       batch_size=args.batch_size, device=args.device, source=args.source, data=data,
                       learn_ranges=args.learn_ranges, range_lr=args.range_lr, max_steps=args.max_steps)
@@ -176,7 +223,7 @@ def main() -> int:
     qat_minutes = (time.perf_counter() - t_qat) / 60
     print(result, flush=True)
     summary = {
-        "model": args.model, "calibrator": args.calibrator, "data": args.data, "optimizer": args.optimizer,
+        "model": args.model, "calibrator": args.calibrator, "data": args.data_dir or args.data, "exclude": args.exclude, "optimizer": args.optimizer,
         "lr": args.lr, "batch_size": args.batch_size, "source": args.source, "device": result.qat.device,
         "primary": result.primary, "start": None if result.start is None else result.start.metrics.get(result.primary),
         "metrics": result.qat.metrics, "losses": result.qat.losses, "epoch_seconds": result.qat.epoch_seconds,

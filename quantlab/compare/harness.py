@@ -9,7 +9,9 @@ memory, runs every engine over it, and computes
 * the ``[tolerance]`` rules for every INT8 engine (:mod:`quantlab.compare.tolerance`),
 * latency: median and p90 after ``warmup`` runs, at each of ``latency_batches``, throughput in
   samples per second, and the model file's size; an INT8 engine slower than FP32 at batch 1 is
-  flagged.  Timing stops once the median is stable, at most ``latency_runs`` runs and
+  flagged.  Engines built for another runtime are evaluated but not timed: the ``tensorrt`` target's
+  S8 Q/DQ models run in ONNX Runtime's CPU kernels only unfused, so their CPU latency says nothing
+  about TensorRT's (time them with ``--backend tensorrt``).  Timing stops once the median is stable, at most ``latency_runs`` runs and
   ``BUDGET_S`` timed seconds per measurement (:mod:`quantlab.latency`).  Above the smallest batch size, a graph is timed once: INT8 models that
   differ from one already timed only in their constants (other calibrators' scales on the same
   target) run the same kernels on the same shapes, and their row points at the timed one,
@@ -292,6 +294,7 @@ class EngineResult:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     slower_than_fp32: bool = False
     latency_same_as: dict[str, str] = field(default_factory=dict)  # batch size -> engine timed on the same graph
+    untimed: str | None = None  # why the engine was not timed on this backend (built for another runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -352,6 +355,8 @@ class CompareResult:
             "engines": {e.name: e.latency for e in self.engines},
             "same_graph_as": {e.name: e.latency_same_as for e in self.engines if e.latency_same_as},
             "slower_than_fp32": [e.name for e in self.engines if e.slower_than_fp32],
+            **({"not_timed": {e.name: e.untimed for e in self.engines if e.untimed}}
+               if any(e.untimed for e in self.engines) else {}),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -370,6 +375,9 @@ class CompareResult:
                 lat = e.latency.get(b)
                 if lat is None and b in e.latency_same_as:
                     row.append("=")
+                    continue
+                if lat is None and e.untimed:
+                    row.append("n/t")
                     continue
                 row.append("-" if lat is None else f"{lat['median_ms']:.2f}" + (" SLOW" if b == "1" and e.slower_than_fp32 else ""))
             row.append(f"{e.size_mb:.1f}")
@@ -403,6 +411,9 @@ class CompareResult:
         shared = sorted({b for e in self.engines for b in e.latency_same_as}, key=int)
         if shared:
             out.append(f"ms@b{'/'.join(shared)} '=': the same graph as an engine timed above (other constants only), timed once")
+        untimed = sorted({e.untimed for e in self.engines if e.untimed})
+        if untimed and any(e.latency for e in self.engines):
+            out.append("'n/t': not timed: " + "; ".join(untimed))
         if self.tolerance:
             out.append("tolerance: " + ("every INT8 engine passes" if self else "some INT8 engines FAIL"))
         out.append(f"results: {self.run_dir / 'compare.json'}")
@@ -531,11 +542,12 @@ class Evaluator:
                 metrics["sqnr_db"] = None
         self.seconds[f"eval:{spec.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat, same_as = self.latency(runner, spec, path, latency)
+        untimed = self.untimed(spec) if latency and c.latency_runs > 0 else None
+        lat, same_as = self.latency(runner, spec, path, latency and untimed is None)
         self.seconds[f"latency:{spec.name}"] = time.perf_counter() - t0
         size = round(path.stat().st_size / 1e6, 3)
         result = EngineResult(spec.name, spec.precision, spec.path, spec.calibrator, spec.target, size, flat,
-                              per_output, latency=lat, latency_same_as=same_as)
+                              per_output, latency=lat, latency_same_as=same_as, untimed=untimed)
         if is_ref:
             self.fp32 = result
             check_known(self.tolerance, computed, f"compare (task {c.task})")
@@ -553,6 +565,17 @@ class Evaluator:
         elif spec.precision == "int8":
             self.judge(result)
         return result
+
+    def untimed(self, spec: EngineSpec) -> str | None:
+        """Why ``spec`` is not timed on this backend (its target builds models for another runtime), or None."""
+        from quantlab.qdq.targets import runtime_of
+
+        runtime = runtime_of(spec.target)
+        backend = self.config.compare.backend
+        if runtime is None or runtime == backend:
+            return None
+        return (f"the {spec.target} target's models are built for {runtime}; their {backend} time here is not "
+                f"theirs there (time them with --backend {runtime})")
 
     def latency(self, runner: Runner, spec: EngineSpec, path: Path, enabled: bool) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         """Latency at the smallest batch size always; at the larger ones only for a graph not timed yet

@@ -57,6 +57,16 @@ class QatRunResult:
     def __bool__(self) -> bool:
         return self.final.tolerance_ok is not False and bool(self.qat)
 
+    @property
+    def worse_than_start(self) -> bool:
+        """Whether no epoch beat the PTQ model QAT started from (on the primary metric)."""
+        if self.start is None:
+            return False
+        a, b = self.final.metrics.get(self.primary), self.start.metrics.get(self.primary)
+        if a is None or b is None:
+            return False
+        return bool(a < b if higher_is_better(self.primary) else a > b)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; measured times are left to :meth:`timing` (``timing.json``)."""
         q = self.qat.to_dict()
@@ -69,7 +79,7 @@ class QatRunResult:
             "final": {"engine": ENGINE, "value": self.final.metrics.get(self.primary),
                       "tolerance_ok": self.final.tolerance_ok,
                       "failures": [f.explain() for f in self.final.failures]},
-            "ok": bool(self), "qat": q, "per_epoch": self.per_epoch,
+            "ok": bool(self), "worse_than_start": self.worse_than_start, "qat": q, "per_epoch": self.per_epoch,
         }
 
     def timing(self) -> dict[str, Any]:
@@ -91,6 +101,8 @@ class QatRunResult:
             r = q.ranges
             lines.append(f"  learned ranges ({r['mode']}): {r['learned']} quantizers, step / start: median "
                          f"{r['median_ratio']:.3f}, from {r['min_ratio']:.3f} to {r['max_ratio']:.3f}")
+        if self.worse_than_start:
+            lines.append(f"  QAT did not beat its PTQ start: {self.start.name} stays the better model of the two")
         if q.device == "cpu":
             lines.append(f"  on the CPU: {q.seconds.get('train_step', 0.0):.1f} s per step; one H200 ran the bundled "
                          "models' steps in 0.07-0.3 s (README, QAT measured on the GPU): use --device cuda there")

@@ -57,6 +57,7 @@ class Target:
     symmetric: bool
     quantize_bias: bool
     description: str
+    runtime: str  # the backend its models are built for: their latency means something only there
 
     def uses_unsigned(self, stats_min: float) -> bool:
         """Whether a tensor with this minimum is quantized over [0, amax] with 256 levels."""
@@ -64,9 +65,18 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "tensorrt": Target("tensorrt", True, False, "S8 symmetric activations and weights, for TensorRT"),
-    "ort-cpu": Target("ort-cpu", False, True, "U8 asymmetric activations, S8 per-channel weights, for ONNX Runtime CPU"),
+    "tensorrt": Target("tensorrt", True, False, "S8 symmetric activations and weights, for TensorRT", "tensorrt"),
+    "ort-cpu": Target("ort-cpu", False, True, "U8 asymmetric activations, S8 per-channel weights, for ONNX Runtime CPU",
+                      "onnxruntime"),
 }
+
+
+def runtime_of(target: str | None) -> str | None:
+    """The backend a target's INT8 models are built for (``ort-dynamic``: ONNX Runtime); ``None``
+    for float engines, which every backend runs as they are."""
+    if target is None:
+        return None
+    return TARGETS[target].runtime if target in TARGETS else "onnxruntime"
 
 
 @dataclass(frozen=True)

@@ -35,17 +35,25 @@ def test_compare_evaluates_every_engine(run: tuple[Path, Path]) -> None:
     for e in result.int8:
         assert 0.0 <= e.metrics["top1"] <= 1.0 and e.metrics["sqnr_db"] < 999.0
         assert e.metrics["top1"] == e.metrics["top1_agreement"]  # labels == FP32 argmax
-        assert e.latency["1"]["p90_ms"] >= e.latency["1"]["median_ms"] > 0
+        assert e.tolerance_ok is not None
+        if e.target == "tensorrt":
+            # built for TensorRT: evaluated, but its CPU latency measures nothing a TensorRT user gets
+            assert e.latency == {} and not e.slower_than_fp32 and "--backend tensorrt" in e.untimed
+            continue
+        assert e.untimed is None and e.latency["1"]["p90_ms"] >= e.latency["1"]["median_ms"] > 0
         # batch 4 is timed once per graph: the other calibrators' models of a target differ only in constants
         assert set(e.latency) == {"1", "4"} or (set(e.latency) == {"1"} and set(e.latency_same_as) == {"4"})
-        assert e.tolerance_ok is not None
-    for target in ("tensorrt", "ort-cpu"):
-        timed = [e.name for e in result.int8 if e.target == target and "4" in e.latency]
-        assert len(timed) == 1, timed
-        assert all(e.latency_same_as == {"4": timed[0]} for e in result.int8 if e.target == target and e.name != timed[0])
+    for fp in ("fp32", "fp16"):
+        assert set(result[fp].latency) == {"1", "4"} and result[fp].untimed is None
+    timed = [e.name for e in result.int8 if e.target == "ort-cpu" and "4" in e.latency]
+    assert len(timed) == 1, timed
+    assert all(e.latency_same_as == {"4": timed[0]} for e in result.int8 if e.target == "ort-cpu" and e.name != timed[0])
     assert result.best is not None and result.best.precision == "int8"
     text = str(result)
     assert "int8:entropy.ort-cpu" in text and "best INT8 engine" in text and "999.0" not in text
+    assert "'n/t': not timed: the tensorrt target's models are built for tensorrt;" in text
+    assert json.loads((run_dir / "latency.json").read_text())["not_timed"].keys() == {
+        e.name for e in result.int8 if e.target == "tensorrt"}
     head, _, fp32_row = text.splitlines()[1:4]
     sqnr_col = head.split().index("sqnr_db")
     assert fp32_row.split()[sqnr_col] == "-"
@@ -180,7 +188,8 @@ def test_fixed_batch_model_is_compared_at_its_batch_size(tmp_path: Path) -> None
     config = load_config(tmp_path / "q.toml")
     run_ptq(config)
     result = run_compare(config)
-    assert all(set(e.latency) == {"2"} for e in result.engines)
+    assert all(set(e.latency) == {"2"} for e in result.engines if not e.untimed)
+    assert any(e.untimed for e in result.engines) and any(set(e.latency) == {"2"} for e in result.int8)
     assert result.layers and len(result.layers["rows"]) > 0
 
 

@@ -103,3 +103,14 @@ def test_bad_input_exit_2_one_line_nothing_written(capsys, tiny_run, tmp_path, c
     assert err.startswith("quantlab: error:") and "\n" not in err and expected in err, err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before  # nothing written, nothing changed
+
+
+def test_qat_that_loses_to_its_start_says_so(capsys, tiny_run):
+    run, config = tiny_run
+    _set(config, "qat", "epochs = 1\nlr = 5.0\noptimizer = \"adam\"\ncalib_batches = 1\nlearn_ranges = \"off\"")
+    code = main(["qat", "--config", str(config), "--run", str(run), "--calibrator", "minmax", "--device", "cpu"])
+    out = capsys.readouterr().out
+    record = json.loads((run / "qat.json").read_text())
+    assert record["worse_than_start"] and record["final"]["value"] < record["start"]["value"], out
+    assert "QAT did not beat its PTQ start: int8:minmax.tensorrt stays the better model of the two" in out
+    assert code in (0, 1)
