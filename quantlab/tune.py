@@ -56,8 +56,9 @@ from quantlab.errors import check
 class Rung:
     """One step of the ladder and what it achieved.
 
-    ``latency_ms`` is the batch-1 median of the rung's engine (ONNX Runtime on the CPU), ``size_mb``
-    its file size and ``seconds`` the rung's wall time.
+    ``latency_ms`` is the batch-1 median of the rung's engine (ONNX Runtime on the CPU; ``None`` for
+    the ``tensorrt`` target's models, which compare does not time there), ``size_mb`` its file size
+    and ``seconds`` the rung's wall time.
     """
 
     rung: str
