@@ -10,8 +10,8 @@ memory, runs every engine over it, and computes
 * latency: median and p90 after ``warmup`` runs, at each of ``latency_batches``, throughput in
   samples per second, and the model file's size; an INT8 engine slower than FP32 at batch 1 is
   flagged.  Engines built for another runtime are evaluated but not timed: the ``tensorrt`` target's
-  S8 Q/DQ models run in ONNX Runtime's CPU kernels only unfused, so their CPU latency says nothing
-  about TensorRT's (time them with ``--backend tensorrt``).  Timing stops once the median is stable, at most ``latency_runs`` runs and
+  S8 Q/DQ models (Q/DQ on layer inputs only) are not the form ONNX Runtime's CPU kernels are fast
+  on, so their CPU latency says nothing about TensorRT's (time them with ``--backend tensorrt``).  Timing stops once the median is stable, at most ``latency_runs`` runs and
   ``BUDGET_S`` timed seconds per measurement (:mod:`quantlab.latency`).  Above the smallest batch size, a graph is timed once: INT8 models that
   differ from one already timed only in their constants (other calibrators' scales on the same
   target) run the same kernels on the same shapes, and their row points at the timed one,
