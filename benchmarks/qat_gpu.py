@@ -115,6 +115,10 @@ def images_mirrored(folder: Path, config, transposed: bool = False) -> int:
     return n
 
 
+#: scikit-image photographs the detector's evaluation folder cuts its tiles from (skimage-page-*, skimage-text-*)
+SKIMAGE_IN_EVAL = ("page.png", "text.png")
+
+
 def images_mixed(folder: Path, config) -> int:
     """``more`` plus tiles of rendered book pages and scikit-image's photographs (see the module docstring)."""
     from PIL import Image
@@ -130,9 +134,8 @@ def images_mixed(folder: Path, config) -> int:
             n += 1
     import skimage
 
-    held_out = {p.name for p in config.resolve(config.compare.eval).iterdir()}
     for f in sorted((Path(skimage.__file__).parent / "data").iterdir()):
-        if f.suffix not in (".png", ".jpg") or f.stem in ("page", "text") or f.name in held_out:
+        if f.suffix not in (".png", ".jpg") or f.name in SKIMAGE_IN_EVAL:
             continue
         img = Image.open(f).convert("RGB")
         scale = 512 / min(img.size)
